@@ -1,0 +1,29 @@
+"""attention_jax: the Transformer of "Attention Is All You Need" in JAX.
+
+The pure core (no Flax) is re-exported here: attention, masks, positional encodings.
+"""
+
+from attention_jax.attention import (
+    IMPLEMENTATIONS,
+    dot_product_attention,
+    init_multi_head_attention,
+    multi_head_attention,
+    scaled_dot_product_attention,
+)
+from attention_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from attention_jax.positional import sinusoidal_positional_encoding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "causal_mask",
+    "combine_masks",
+    "dot_product_attention",
+    "init_multi_head_attention",
+    "multi_head_attention",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "segment_mask",
+    "sinusoidal_positional_encoding",
+]

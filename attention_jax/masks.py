@@ -1,0 +1,113 @@
+"""Attention masks: small pure functions, bool, ``True`` = attend.
+
+Every mask here is broadcastable to the ``[..., N, T, S]`` shape that
+:func:`attention_jax.dot_product_attention` takes (B batch, N heads, T query length,
+S key/value length). Build them outside the model and pass them in.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def causal_mask(length: int, kv_length: int | None = None, *, offset: int = 0) -> jnp.ndarray:
+    """Query ``i`` may attend key ``j`` iff ``j <= i + offset``.
+
+    Args:
+      length: T, the number of queries.
+      kv_length: S, the number of keys (default: T).
+      offset: shift of the diagonal. With the default 0 the mask is aligned top-left, as
+        ``jax.nn.dot_product_attention(is_causal=True)``; ``offset = S - T`` aligns it
+        bottom-right (the last T of S positions are the queries, as when decoding).
+
+    Returns:
+      bool ``[T, S]``.
+    """
+    length, kv_length = _positive_int("length", length), _positive_int(
+        "kv_length", length if kv_length is None else kv_length
+    )
+    q = jnp.arange(length)[:, None]  # [T, 1]
+    k = jnp.arange(kv_length)[None, :]  # [1, S]
+    return k <= q + offset  # [T, S]
+
+
+def padding_mask(tokens, kv_tokens=None, *, pad_id: int = 0) -> jnp.ndarray:
+    """Query × key mask that is False wherever the query or the key is padding.
+
+    Args:
+      tokens: integer token ids ``[..., T]`` (the queries' side).
+      kv_tokens: integer token ids ``[..., S]`` of the keys (default: ``tokens``, i.e.
+        self-attention). Leading dims must match ``tokens``'.
+      pad_id: the padding id.
+
+    Returns:
+      bool ``[..., 1, T, S]`` (the 1 broadcasts over heads).
+    """
+    tokens = jnp.asarray(tokens)
+    kv_tokens = tokens if kv_tokens is None else jnp.asarray(kv_tokens)
+    for name, t in (("tokens", tokens), ("kv_tokens", kv_tokens)):
+        if not jnp.issubdtype(t.dtype, jnp.integer):
+            raise TypeError(f"padding_mask: {name} must hold integer token ids, got dtype {t.dtype}")
+        if t.ndim < 1:
+            raise ValueError(f"padding_mask: {name} must be [..., length], got a scalar")
+    if tokens.shape[:-1] != kv_tokens.shape[:-1]:
+        raise ValueError(
+            "padding_mask: tokens [..., T] and kv_tokens [..., S] need the same leading dims, "
+            f"got {tokens.shape} and {kv_tokens.shape}"
+        )
+    q_ok = tokens != pad_id  # [..., T]
+    k_ok = kv_tokens != pad_id  # [..., S]
+    return (q_ok[..., :, None] & k_ok[..., None, :])[..., None, :, :]  # [..., 1, T, S]
+
+
+def segment_mask(segment_ids, kv_segment_ids=None) -> jnp.ndarray:
+    """Mask for packed sequences: a query attends only keys of its own segment.
+
+    Args:
+      segment_ids: integer ``[..., T]``; 0 conventionally marks padding, which this
+        function does not treat specially (combine with :func:`padding_mask`).
+      kv_segment_ids: integer ``[..., S]`` (default: ``segment_ids``).
+
+    Returns:
+      bool ``[..., 1, T, S]``.
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    kv_segment_ids = segment_ids if kv_segment_ids is None else jnp.asarray(kv_segment_ids)
+    if segment_ids.shape[:-1] != kv_segment_ids.shape[:-1]:
+        raise ValueError(
+            "segment_mask: segment_ids [..., T] and kv_segment_ids [..., S] need the same "
+            f"leading dims, got {segment_ids.shape} and {kv_segment_ids.shape}"
+        )
+    same = segment_ids[..., :, None] == kv_segment_ids[..., None, :]  # [..., T, S]
+    return same[..., None, :, :]  # [..., 1, T, S]
+
+
+def combine_masks(*masks) -> jnp.ndarray | None:
+    """Logical AND of the given bool masks (``None`` entries are skipped).
+
+    Returns ``None`` when every mask is ``None``; the result has the broadcast shape.
+    """
+    present = [jnp.asarray(m) for m in masks if m is not None]
+    if not present:
+        return None
+    for i, m in enumerate(present):
+        if m.dtype != jnp.bool_:
+            raise TypeError(
+                f"combine_masks: masks must be bool (True = attend); mask {i} has dtype {m.dtype}"
+            )
+    try:
+        np.broadcast_shapes(*(m.shape for m in present))
+    except ValueError:
+        shapes = ", ".join(str(m.shape) for m in present)
+        raise ValueError(f"combine_masks: mask shapes do not broadcast together: {shapes}") from None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive Python int, got {value!r}")
+    return int(value)

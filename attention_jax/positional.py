@@ -1,0 +1,60 @@
+"""Positional encodings (pure JAX, no Flax).
+
+Self-attention is permutation-equivariant: it has no notion of order until position
+information is added to the token embeddings. The paper adds fixed sinusoids (section 3.5):
+
+    PE(pos, 2i)   = sin(pos / max_timescale^(2i / D))
+    PE(pos, 2i+1) = cos(pos / max_timescale^(2i / D))
+
+so that for any offset k, PE(pos + k) is a fixed linear map of PE(pos) (a 2-D rotation per
+frequency), which lets attention learn relative offsets.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def sinusoidal_positional_encoding(
+    length_or_positions, d_model: int, max_timescale: float = 10000.0, *, dtype=jnp.float32
+) -> jnp.ndarray:
+    """The paper's interleaved sinusoidal positional encoding.
+
+    Args:
+      length_or_positions: a Python int T (positions ``0 .. T-1``) or an integer array of
+        positions of any shape ``[...]`` (may be traced, e.g. an offset while decoding).
+      d_model: D, the (even) model width.
+      max_timescale: the 10000 of the paper.
+      dtype: dtype of the result; the angles are computed in float32.
+
+    Returns:
+      ``[T, D]`` for an int length, ``[..., D]`` for a positions array; even columns are
+      sines, odd columns cosines of the same frequency.
+    """
+    if isinstance(d_model, bool) or not isinstance(d_model, (int, np.integer)) or d_model < 2:
+        raise ValueError(f"d_model must be a positive even int, got {d_model!r}")
+    if d_model % 2:
+        raise ValueError(
+            f"d_model must be even (sine and cosine come in pairs), got d_model={d_model}"
+        )
+    if isinstance(length_or_positions, (int, np.integer)) and not isinstance(
+        length_or_positions, bool
+    ):
+        if length_or_positions < 0:
+            raise ValueError(f"length must be >= 0, got {length_or_positions}")
+        positions = jnp.arange(int(length_or_positions))  # [T]
+    else:
+        positions = jnp.asarray(length_or_positions)
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise TypeError(
+                "length_or_positions must be an int or an integer array of positions, "
+                f"got an array of dtype {positions.dtype}"
+            )
+    # 1 / max_timescale^(2i / D) for i = 0 .. D/2 - 1, computed in float64 on the host.
+    inv_freq = np.power(max_timescale, -np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * positions.ndim + (-1,))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+    # [..., D/2, 2] -> [..., D]: column 2i is sin, column 2i+1 is cos of the same angle.
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return pe.reshape(*angles.shape[:-1], d_model).astype(dtype)
