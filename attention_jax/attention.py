@@ -33,6 +33,7 @@ Two ways to run the multi-head map (``implementation=``):
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, Literal
 
@@ -48,6 +49,10 @@ IMPLEMENTATIONS: tuple[str, ...] = ("xla", "chunked")
 # scores should stay in the per-core L2 cache (measured on a 2-core EPYC, BUILD_NOTES.md).
 _CHUNK_QUERY_BLOCK = 256
 _CHUNK_BUDGET_BYTES = 1 << 21
+# The chunked path runs this many independent loops over heads (= the cores measured on).
+_CHUNK_LOOPS = 2
+# implementation=None picks 'chunked' on CPU when one head's float32 scores exceed this.
+_CHUNK_MIN_SCORE_BYTES = 1 << 19
 
 _F32 = jnp.float32
 
@@ -88,10 +93,13 @@ def _attend(q, k, v, mask, bias, keep, *, scale, precision, want_weights):
     # gradient; a fully masked row has max -inf, shifted by 0 instead so exp gives exact
     # zeros and no NaN in values or gradients.
     row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [T, 1]
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    maybe_empty = mask is not None or bias is not None  # else every row max is finite
+    if maybe_empty:
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     e = jnp.exp(logits - row_max)  # [T, S]; masked keys -> exactly 0
     denom = jnp.sum(e, axis=-1, keepdims=True)  # [T, 1]
-    denom = jnp.where(denom > 0, denom, 1.0)  # fully masked row -> out 0, not 0/0
+    if maybe_empty:
+        denom = jnp.where(denom > 0, denom, 1.0)  # fully masked row -> out 0, not 0/0
     # 4. weighted sum of the values. Normalising after the matmul costs T×V divisions
     # instead of T×S.
     p = e if keep is None else e * keep
@@ -363,7 +371,7 @@ def dot_product_attention(
     legend = "[..., N, T, S]"
     mask = _check_mask(name, mask, target, legend)
     bias = _check_bias(name, bias, target, legend)
-    impl = _resolve_implementation(name, implementation)
+    impl = _resolve_implementation(name, implementation, T, S)
     dropout = _check_dropout(name, dropout_rate, deterministic, dropout_rng)
     want_weights = return_weights or module is not None
 
@@ -463,7 +471,15 @@ def _chunked_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale
         out, w = head((0, qg[0], kg[0], vg[0]))
         out, w = out[None], None if w is None else w[None]
     else:
-        out, w = lax.map(head, (jnp.arange(G), qg, kg, vg), batch_size=heads_per_step)
+        # Independent loops over disjoint groups of heads: XLA's CPU runtime runs them
+        # concurrently, which beats one loop whose small matmuls are split across cores.
+        xs = (jnp.arange(G), qg, kg, vg)
+        bounds = np.linspace(0, G, min(_CHUNK_LOOPS, G) + 1).astype(int)
+        parts = [
+            lax.map(head, jax.tree.map(lambda x, a=a, b=b: x[a:b], xs), batch_size=heads_per_step)
+            for a, b in itertools.pairwise(bounds)
+        ]
+        out, w = jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
     out = out.reshape(*lead, T, V)
     return out, None if w is None else w.reshape(*lead, T, S)
 
@@ -684,9 +700,12 @@ def _lead_pad(x, rank):
     return x.reshape((1,) * (rank - x.ndim) + x.shape)
 
 
-def _resolve_implementation(name, implementation) -> str:
+def _resolve_implementation(name, implementation, T, S) -> str:
     if implementation is None:
-        return "chunked" if jax.default_backend() == "cpu" else "xla"
+        # Chunking pays on CPU once a head's scores outgrow the cache; below that the one
+        # batched XLA computation has less overhead (BUILD_NOTES.md, T = 128 and 256).
+        big = T * S * 4 > _CHUNK_MIN_SCORE_BYTES
+        return "chunked" if big and jax.default_backend() == "cpu" else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"{name}: implementation must be one of {IMPLEMENTATIONS} or None, "

@@ -24,8 +24,9 @@ def causal_mask(length: int, kv_length: int | None = None, *, offset: int = 0) -
     Returns:
       bool ``[T, S]``.
     """
-    length, kv_length = _positive_int("length", length), _positive_int(
-        "kv_length", length if kv_length is None else kv_length
+    length, kv_length = (
+        _positive_int("length", length),
+        _positive_int("kv_length", length if kv_length is None else kv_length),
     )
     q = jnp.arange(length)[:, None]  # [T, 1]
     k = jnp.arange(kv_length)[None, :]  # [1, S]
@@ -46,11 +47,8 @@ def padding_mask(tokens, kv_tokens=None, *, pad_id: int = 0) -> jnp.ndarray:
     """
     tokens = jnp.asarray(tokens)
     kv_tokens = tokens if kv_tokens is None else jnp.asarray(kv_tokens)
-    for name, t in (("tokens", tokens), ("kv_tokens", kv_tokens)):
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise TypeError(f"padding_mask: {name} must hold integer token ids, got dtype {t.dtype}")
-        if t.ndim < 1:
-            raise ValueError(f"padding_mask: {name} must be [..., length], got a scalar")
+    _check_ids("padding_mask", "tokens", tokens)
+    _check_ids("padding_mask", "kv_tokens", kv_tokens)
     if tokens.shape[:-1] != kv_tokens.shape[:-1]:
         raise ValueError(
             "padding_mask: tokens [..., T] and kv_tokens [..., S] need the same leading dims, "
@@ -74,6 +72,8 @@ def segment_mask(segment_ids, kv_segment_ids=None) -> jnp.ndarray:
     """
     segment_ids = jnp.asarray(segment_ids)
     kv_segment_ids = segment_ids if kv_segment_ids is None else jnp.asarray(kv_segment_ids)
+    _check_ids("segment_mask", "segment_ids", segment_ids)
+    _check_ids("segment_mask", "kv_segment_ids", kv_segment_ids)
     if segment_ids.shape[:-1] != kv_segment_ids.shape[:-1]:
         raise ValueError(
             "segment_mask: segment_ids [..., T] and kv_segment_ids [..., S] need the same "
@@ -97,14 +97,25 @@ def combine_masks(*masks) -> jnp.ndarray | None:
                 f"combine_masks: masks must be bool (True = attend); mask {i} has dtype {m.dtype}"
             )
     try:
-        np.broadcast_shapes(*(m.shape for m in present))
+        shape = np.broadcast_shapes(*(m.shape for m in present))
     except ValueError:
         shapes = ", ".join(str(m.shape) for m in present)
-        raise ValueError(f"combine_masks: mask shapes do not broadcast together: {shapes}") from None
+        raise ValueError(
+            f"combine_masks: mask shapes do not broadcast together: {shapes}"
+        ) from None
+    # Equal ranks first, so this works under jax_numpy_rank_promotion='raise'.
+    present = [m.reshape((1,) * (len(shape) - m.ndim) + m.shape) for m in present]
     out = present[0]
     for m in present[1:]:
         out = jnp.logical_and(out, m)
     return out
+
+
+def _check_ids(fn, name, ids):
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{fn}: {name} must hold integer ids, got dtype {ids.dtype}")
+    if ids.ndim < 1:
+        raise ValueError(f"{fn}: {name} must be [..., length], got a scalar")
 
 
 def _positive_int(name: str, value) -> int:

@@ -354,7 +354,9 @@ def test_sinusoidal_positions_make_word_order_matter():
 def test_multi_head_attention_matches_numpy_projections(rng):
     D, N, Dkv = 12, 3, 10
     params = aj.init_multi_head_attention(jax.random.key(1), D, N, kv_features=Dkv)
-    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape), params)  # nonzero biases
+    params = jax.tree.map(
+        lambda p: p + 0.1 * rng.standard_normal(p.shape), params
+    )  # nonzero biases
     x = rng.standard_normal((2, 5, D)).astype(np.float32)
     y = rng.standard_normal((2, 7, Dkv)).astype(np.float32)
     mask = _mask("padding", rng, (2,), N, 5, 7)
