@@ -33,7 +33,6 @@ Two ways to run the multi-head map (``implementation=``):
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Any, Literal
 
@@ -49,8 +48,6 @@ IMPLEMENTATIONS: tuple[str, ...] = ("xla", "chunked")
 # scores should stay in the per-core L2 cache (measured on a 2-core EPYC, BUILD_NOTES.md).
 _CHUNK_QUERY_BLOCK = 256
 _CHUNK_BUDGET_BYTES = 1 << 21
-# The chunked path runs this many independent loops over heads (= the cores measured on).
-_CHUNK_LOOPS = 2
 # implementation=None picks 'chunked' on CPU when one head's float32 scores exceed this.
 _CHUNK_MIN_SCORE_BYTES = 1 << 19
 
@@ -471,15 +468,7 @@ def _chunked_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale
         out, w = head((0, qg[0], kg[0], vg[0]))
         out, w = out[None], None if w is None else w[None]
     else:
-        # Independent loops over disjoint groups of heads: XLA's CPU runtime runs them
-        # concurrently, which beats one loop whose small matmuls are split across cores.
-        xs = (jnp.arange(G), qg, kg, vg)
-        bounds = np.linspace(0, G, min(_CHUNK_LOOPS, G) + 1).astype(int)
-        parts = [
-            lax.map(head, jax.tree.map(lambda x, a=a, b=b: x[a:b], xs), batch_size=heads_per_step)
-            for a, b in itertools.pairwise(bounds)
-        ]
-        out, w = jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
+        out, w = lax.map(head, (jnp.arange(G), qg, kg, vg), batch_size=heads_per_step)
     out = out.reshape(*lead, T, V)
     return out, None if w is None else w.reshape(*lead, T, S)
 
