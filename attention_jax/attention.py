@@ -19,15 +19,16 @@ Two ways to run the multi-head map (``implementation=``):
 
 * ``'xla'``: ``jax.vmap`` of the one-head function over heads, then over each batch dim;
   one batched XLA computation, differentiated by plain autodiff (any transform works,
-  forward mode included). The default on GPU and TPU.
+  forward mode included). The default on GPU and TPU, and on CPU for small heads.
 * ``'chunked'``: the same one-head function applied to cache-sized blocks of queries
   (softmax rows are independent, so this is the same math), over groups of heads in
   sequence (``lax.map`` with ``batch_size``, i.e. vmap in groups), with a custom VJP that
   recomputes each block's weights from its saved log-sum-exp instead of storing the
-  ``T × S`` weights. On CPU this keeps every matmul and softmax in cache: measured 2-3x
-  faster forward and ~1.4x faster forward+backward than dense XLA (BUILD_NOTES.md).
-  The default on CPU. Forward-mode AD (``jax.jvp``) is not defined through its custom VJP
-  when it is used (no bias, no dropout, no weights requested); use ``'xla'`` for that.
+  ``T × S`` weights. On CPU this keeps every matmul and softmax in cache: measured about
+  2x faster forward and 1.3x faster forward+backward than ``'xla'`` at T = 512..2048
+  (BUILD_NOTES.md). The default on CPU once one head's scores exceed 512 KiB.
+  Forward-mode AD (``jax.jvp``) is not defined through its custom VJP, which is used when
+  there is no bias, no dropout and no weights requested; use ``'xla'`` for that.
 """
 
 from __future__ import annotations
@@ -343,8 +344,8 @@ def dot_product_attention(
       deterministic: if True (the default), no dropout.
       dtype: computation dtype (default: the promoted dtype of query, key, value).
       precision: matmul precision (``jax.lax.Precision``), as in flax.
-      implementation: ``'xla'``, ``'chunked'`` or None (``'chunked'`` on CPU, ``'xla'``
-        elsewhere); see the module docstring.
+      implementation: ``'xla'``, ``'chunked'`` or None (``'chunked'`` on CPU when a
+        head's float32 scores exceed 512 KiB, else ``'xla'``); see the module docstring.
       return_weights: also return the attention weights ``[..., N, T, S]`` (before dropout),
         computed by the same code path, e.g. for visualisation.
       module: a Flax module to ``sow`` the weights into (``intermediates/attention_weights``).

@@ -1,0 +1,19 @@
+"""README's example of calling the pure functions runs as written and gives the stated shapes."""
+
+import pathlib
+import re
+
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python example"
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["y"].shape == (2, 6, 64)  # [B, T, D]
+    assert scope["out"].shape == (6, 16) and scope["w"].shape == (6, 6)  # one head
+    np.testing.assert_allclose(np.asarray(scope["w"]).sum(-1), 1.0, rtol=1e-5)
+    assert all(np.all(np.isfinite(g)) for g in __import__("jax").tree.leaves(scope["g"]))
