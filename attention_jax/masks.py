@@ -45,17 +45,8 @@ def padding_mask(tokens, kv_tokens=None, *, pad_id: int = 0) -> jnp.ndarray:
     Returns:
       bool ``[..., 1, T, S]`` (the 1 broadcasts over heads).
     """
-    tokens = jnp.asarray(tokens)
-    kv_tokens = tokens if kv_tokens is None else jnp.asarray(kv_tokens)
-    _check_ids("padding_mask", "tokens", tokens)
-    _check_ids("padding_mask", "kv_tokens", kv_tokens)
-    if tokens.shape[:-1] != kv_tokens.shape[:-1]:
-        raise ValueError(
-            "padding_mask: tokens [..., T] and kv_tokens [..., S] need the same leading dims, "
-            f"got {tokens.shape} and {kv_tokens.shape}"
-        )
-    q_ok = tokens != pad_id  # [..., T]
-    k_ok = kv_tokens != pad_id  # [..., S]
+    q_ok, k_ok = _query_key_ids("padding_mask", "tokens", tokens, kv_tokens)  # [..., T], [..., S]
+    q_ok, k_ok = q_ok != pad_id, k_ok != pad_id
     return (q_ok[..., :, None] & k_ok[..., None, :])[..., None, :, :]  # [..., 1, T, S]
 
 
@@ -70,17 +61,8 @@ def segment_mask(segment_ids, kv_segment_ids=None) -> jnp.ndarray:
     Returns:
       bool ``[..., 1, T, S]``.
     """
-    segment_ids = jnp.asarray(segment_ids)
-    kv_segment_ids = segment_ids if kv_segment_ids is None else jnp.asarray(kv_segment_ids)
-    _check_ids("segment_mask", "segment_ids", segment_ids)
-    _check_ids("segment_mask", "kv_segment_ids", kv_segment_ids)
-    if segment_ids.shape[:-1] != kv_segment_ids.shape[:-1]:
-        raise ValueError(
-            "segment_mask: segment_ids [..., T] and kv_segment_ids [..., S] need the same "
-            f"leading dims, got {segment_ids.shape} and {kv_segment_ids.shape}"
-        )
-    same = segment_ids[..., :, None] == kv_segment_ids[..., None, :]  # [..., T, S]
-    return same[..., None, :, :]  # [..., 1, T, S]
+    q_ids, k_ids = _query_key_ids("segment_mask", "segment_ids", segment_ids, kv_segment_ids)
+    return (q_ids[..., :, None] == k_ids[..., None, :])[..., None, :, :]  # [..., 1, T, S]
 
 
 def combine_masks(*masks) -> jnp.ndarray | None:
@@ -109,6 +91,21 @@ def combine_masks(*masks) -> jnp.ndarray | None:
     for m in present[1:]:
         out = jnp.logical_and(out, m)
     return out
+
+
+def _query_key_ids(fn, name, ids, kv_ids):
+    """Checks integer ids [..., T] and kv ids [..., S] (default: the same) with equal leading
+    dims; returns both as arrays."""
+    ids = jnp.asarray(ids)
+    kv_ids = ids if kv_ids is None else jnp.asarray(kv_ids)
+    _check_ids(fn, name, ids)
+    _check_ids(fn, f"kv_{name}", kv_ids)
+    if ids.shape[:-1] != kv_ids.shape[:-1]:
+        raise ValueError(
+            f"{fn}: {name} [..., T] and kv_{name} [..., S] need the same leading dims, "
+            f"got {ids.shape} and {kv_ids.shape}"
+        )
+    return ids, kv_ids
 
 
 def _check_ids(fn, name, ids):
