@@ -1,6 +1,7 @@
 """attention_jax: the Transformer of "Attention Is All You Need" in JAX.
 
-The pure core (no Flax) is re-exported here: attention, masks, positional encodings.
+The pure core (no Flax: attention, masks, positional encodings) and the Flax model
+(TransformerConfig, Transformer, TransformerLM) are re-exported here.
 """
 
 from attention_jax.attention import (
@@ -10,13 +11,19 @@ from attention_jax.attention import (
     multi_head_attention,
     scaled_dot_product_attention,
 )
+from attention_jax.config import TransformerConfig
 from attention_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask
-from attention_jax.positional import sinusoidal_positional_encoding
+from attention_jax.model import Transformer, TransformerLM, shift_right
+from attention_jax.positional import apply_rotary_embedding, sinusoidal_positional_encoding
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "Transformer",
+    "TransformerConfig",
+    "TransformerLM",
+    "apply_rotary_embedding",
     "causal_mask",
     "combine_masks",
     "dot_product_attention",
@@ -25,5 +32,6 @@ __all__ = [
     "padding_mask",
     "scaled_dot_product_attention",
     "segment_mask",
+    "shift_right",
     "sinusoidal_positional_encoding",
 ]

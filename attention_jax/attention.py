@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attention_jax.positional import apply_rotary_embedding
+
 Implementation = Literal["xla", "chunked"]
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "chunked")
 
@@ -565,6 +567,8 @@ def multi_head_attention(
     precision=None,
     implementation: Implementation | None = None,
     return_weights: bool = False,
+    query_positions=None,
+    key_positions=None,
 ):
     """MultiHead(Q, K, V) = Concat(head_1..head_N)·W_O with head_i = Attention(Q·W_Qi, K·W_Ki,
     V·W_Vi), as a pure function of a params pytree (see :func:`init_multi_head_attention`).
@@ -576,6 +580,9 @@ def multi_head_attention(
       num_heads: N; must match the params.
       mask, bias, dropout_*, deterministic, dtype, precision, implementation,
       return_weights: as in :func:`dot_product_attention`.
+      query_positions, key_positions: integer ``[..., T]`` and ``[..., S]``; when given, the
+        projected queries and keys are rotated by
+        :func:`attention_jax.positional.apply_rotary_embedding` (rotary positions).
 
     Returns:
       ``[..., T, Dout]``, or ``(out, weights [..., N, T, S])`` with ``return_weights``.
@@ -596,6 +603,11 @@ def multi_head_attention(
     q = project("query", inputs_q)  # [..., T, N, H]
     k = project("key", inputs_kv)  # [..., S, N, H]
     v = project("value", inputs_kv)  # [..., S, N, H]
+    if (query_positions is None) != (key_positions is None):
+        raise ValueError(f"{name}: give both query_positions and key_positions, or neither")
+    if query_positions is not None:
+        q = apply_rotary_embedding(q, query_positions)
+        k = apply_rotary_embedding(k, key_positions)
     result = dot_product_attention(
         q, k, v, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
         deterministic=deterministic, dtype=dtype, precision=precision,

@@ -58,3 +58,44 @@ def sinusoidal_positional_encoding(
     # [..., D/2, 2] -> [..., D]: column 2i is sin, column 2i+1 is cos of the same angle.
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return pe.reshape(*angles.shape[:-1], d_model).astype(dtype)
+
+
+def apply_rotary_embedding(x, positions, max_timescale: float = 10000.0) -> jnp.ndarray:
+    """Rotary position embedding (RoFormer): rotates each pair ``(x[2i], x[2i+1])`` of every
+    head by the angle ``pos / max_timescale^(2i / H)``, so that the dot product of a rotated
+    query at position m and a rotated key at position n depends on m - n only.
+
+    Args:
+      x: ``[..., T, N, H]`` queries or keys (H even).
+      positions: integer ``[..., T]`` (leading dims broadcastable to x's), or ``[T]``.
+      max_timescale: as in :func:`sinusoidal_positional_encoding`.
+
+    Returns:
+      ``[..., T, N, H]`` in x's dtype (the rotation is computed in float32).
+    """
+    x = jnp.asarray(x)
+    positions = jnp.asarray(positions)
+    if x.ndim < 3 or x.shape[-1] % 2:
+        raise ValueError(
+            f"apply_rotary_embedding: x must be [..., T, N, H] with H even, got {x.shape}"
+        )
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(
+            f"apply_rotary_embedding: positions must be integers, got dtype {positions.dtype}"
+        )
+    if positions.shape[-1] != x.shape[-3]:
+        raise ValueError(
+            f"apply_rotary_embedding: positions [..., T] must match x [..., T, N, H], got "
+            f"positions {positions.shape} and x {x.shape}"
+        )
+    H = x.shape[-1]
+    inv_freq = np.power(max_timescale, -np.arange(0, H, 2, dtype=np.float64) / H)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * positions.ndim + (-1,))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, H/2]
+    angles = angles[..., None, :]  # [..., T, 1, H/2]: the same rotation for every head
+    angles = angles.reshape((1,) * (x.ndim - angles.ndim) + angles.shape)
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], H // 2, 2)  # [..., T, N, H/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)

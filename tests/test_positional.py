@@ -202,3 +202,41 @@ def test_non_integer_positions_raise_type_error(positions):
 def test_negative_length_raises(length):
     with pytest.raises(ValueError, match=">= 0"):
         pe(length, 8)
+
+
+# ---- Rotary embeddings. ---------------------------------------------------------------
+
+
+def _rope_f64(x, positions, max_timescale=10000.0):
+    """Independent reference: each pair (x[2i], x[2i+1]) as a complex number times e^{iθ}."""
+    x = np.asarray(x, np.float64)
+    H = x.shape[-1]
+    theta = np.asarray(positions, np.float64)[:, None] * max_timescale ** (-np.arange(0, H, 2) / H)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * theta)[:, None, :]  # [T, N, H/2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = z.real, z.imag
+    return out
+
+
+def test_rotary_matches_complex_reference_and_depends_on_offsets_only():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 2, 8)).astype(np.float32)  # [T, N, H]
+    pos = np.arange(6) + 3
+    got = aj.apply_rotary_embedding(x, pos)
+    np.testing.assert_allclose(got, _rope_f64(x, pos), rtol=1e-5, atol=1e-5)
+    # <rope(q, m), rope(k, n)> is the same for (m, n) and (m + 7, n + 7).
+    q, k = x[:1], x[1:2]
+    a = jnp.sum(aj.apply_rotary_embedding(q, [2]) * aj.apply_rotary_embedding(k, [5]))
+    b = jnp.sum(aj.apply_rotary_embedding(q, [9]) * aj.apply_rotary_embedding(k, [12]))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(aj.apply_rotary_embedding(x, np.zeros(6, int)), x, rtol=1e-6)
+
+
+def test_rotary_bad_inputs():
+    x = jnp.ones((4, 2, 8))
+    with pytest.raises(ValueError, match="H even"):
+        aj.apply_rotary_embedding(jnp.ones((4, 2, 7)), jnp.arange(4))
+    with pytest.raises(TypeError, match="positions must be integers"):
+        aj.apply_rotary_embedding(x, jnp.arange(4.0))
+    with pytest.raises(ValueError, match="must match x"):
+        aj.apply_rotary_embedding(x, jnp.arange(5))

@@ -17,3 +17,11 @@ def test_readme_example_runs():
     assert scope["out"].shape == (6, 16) and scope["w"].shape == (6, 6)  # one head
     np.testing.assert_allclose(np.asarray(scope["w"]).sum(-1), 1.0, rtol=1e-5)
     assert all(np.all(np.isfinite(g)) for g in __import__("jax").tree.leaves(scope["g"]))
+
+
+def test_readme_model_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    scope = {}
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    assert scope["logits"].shape == (1, 5, 100) and scope["enc"].shape == (1, 4, 32)
+    assert "intermediates" in scope["state"]

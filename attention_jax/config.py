@@ -1,0 +1,134 @@
+"""Model hyperparameters: a frozen dataclass with the paper's presets.
+
+`base()` and `big()` are the two models of Table 3 of the paper; `tiny()` is for tests and
+CPU experiments. Every preset takes `vocab_size` and keyword overrides, e.g.
+``TransformerConfig.base(vocab_size=37000, dropout_rate=0.0)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+from attention_jax.attention import IMPLEMENTATIONS
+
+Positional = Literal["sinusoidal", "learned", "rotary", "none"]
+ACTIVATIONS = ("relu", "gelu", "silu")
+POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of `Transformer` and `TransformerLM`. Defaults are the paper's base model."""
+
+    vocab_size: int  # V: shared source/target vocabulary (or the source's, when unshared)
+    target_vocab_size: int | None = None  # target V when embeddings are unshared (None: same)
+    share_embeddings: bool = True  # one table for source, target and pre-softmax (sec. 3.4)
+    d_model: int = 512  # D
+    num_heads: int = 8  # N (h in the paper)
+    num_layers: int = 6  # L encoder layers (N in the paper)
+    num_decoder_layers: int | None = None  # decoder layers (None: num_layers)
+    d_ff: int = 2048  # F: inner width of the position-wise feed-forward
+    dropout_rate: float = 0.1  # P_drop: residual dropout and dropout on embeddings + positions
+    attention_dropout_rate: float = 0.0  # dropout on attention weights (not in the paper)
+    max_len: int = 512  # longest sequence accepted (and size of a learned position table)
+    positional: Positional = "sinusoidal"  # or learned, rotary (applied to q, k), none
+    pre_ln: bool = False  # False: the paper's post-LN, LayerNorm(x + Dropout(Sublayer(x)))
+    activation: str = "relu"  # feed-forward nonlinearity: relu (paper), gelu, silu
+    layer_norm_epsilon: float = 1e-6
+    pad_id: int = 0  # padding token id; padded keys are never attended to
+    dtype: Any = jnp.float32  # computation dtype (e.g. jnp.bfloat16)
+    param_dtype: Any = jnp.float32  # parameter dtype
+    attention_implementation: str | None = None  # see attention_jax.dot_product_attention
+
+    def __post_init__(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+            positive_int(name)
+        for name in ("target_vocab_size", "num_decoder_layers"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig: num_heads={self.num_heads} must divide "
+                f"d_model={self.d_model} (head dim = d_model / num_heads)"
+            )
+        if self.positional in ("sinusoidal", "rotary") and self.d_model % 2:
+            raise ValueError(f"TransformerConfig: d_model must be even, got {self.d_model}")
+        if self.positional == "rotary" and self.head_dim % 2:
+            raise ValueError(
+                f"TransformerConfig: rotary positions need an even head dim, got {self.head_dim}"
+            )
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {rate}")
+        if self.positional not in POSITIONALS:
+            raise ValueError(
+                f"TransformerConfig.positional must be one of {POSITIONALS}, "
+                f"got {self.positional!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"TransformerConfig.activation must be one of {ACTIVATIONS}, "
+                f"got {self.activation!r}"
+            )
+        if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
+            raise ValueError(
+                "TransformerConfig: share_embeddings=True needs one vocabulary, got "
+                f"vocab_size={self.vocab_size}, target_vocab_size={self.target_vocab_size}"
+            )
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(
+                f"TransformerConfig.pad_id={self.pad_id} is outside [0, {self.vocab_size})"
+            )
+        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
+            raise ValueError(
+                f"TransformerConfig.attention_implementation must be None or one of "
+                f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if not jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating):
+                raise ValueError(
+                    f"TransformerConfig.{name} must be a float dtype, got {getattr(self, name)}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        """H = d_model / num_heads (d_k = d_v in the paper)."""
+        return self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def output_vocab_size(self) -> int:
+        return self.target_vocab_size or self.vocab_size
+
+    def replace(self, **overrides) -> TransformerConfig:
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 64, **overrides) -> TransformerConfig:
+        """2 layers, D=32, 4 heads, F=64: for tests and CPU runs in seconds."""
+        preset = dict(d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=128)
+        return cls(vocab_size=vocab_size, **{**preset, **overrides})
+
+    @classmethod
+    def base(cls, vocab_size: int = 37000, **overrides) -> TransformerConfig:
+        """The paper's base model: N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1 (~63M params)."""
+        preset = dict(d_model=512, num_heads=8, num_layers=6, d_ff=2048, dropout_rate=0.1)
+        return cls(vocab_size=vocab_size, **{**preset, **overrides})
+
+    @classmethod
+    def big(cls, vocab_size: int = 37000, **overrides) -> TransformerConfig:
+        """The paper's big model: N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (~214M)."""
+        preset = dict(d_model=1024, num_heads=16, num_layers=6, d_ff=4096, dropout_rate=0.3)
+        return cls(vocab_size=vocab_size, **{**preset, **overrides})

@@ -1,0 +1,222 @@
+"""The Transformer (encoder-decoder) and TransformerLM (decoder-only), Flax Linen.
+
+Padding (``config.pad_id``) is read from the token ids: no query attends a padded key. The
+first decoder position is the start slot (``shift_right`` puts ``pad_id`` there, as in the
+paper's implementations) and is never treated as padding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention_jax.config import TransformerConfig
+from attention_jax.layers import DecoderLayer, Embedder, EncoderLayer, layer_norm
+from attention_jax.masks import causal_mask, combine_masks, padding_mask
+from attention_jax.positional import sinusoidal_positional_encoding
+
+
+def shift_right(tokens, bos_id: int = 0):
+    """Teacher forcing: ``[t0, t1, ..., t_{T-1}] -> [bos, t0, ..., t_{T-2}]`` (last axis)."""
+    tokens = jnp.asarray(tokens)
+    pad = [(0, 0)] * (tokens.ndim - 1) + [(1, 0)]
+    return jnp.pad(tokens, pad, constant_values=bos_id)[..., :-1]
+
+
+def check_tokens(name: str, tokens, cfg: TransformerConfig, vocab_size: int | None = None):
+    """Boundary check of a token array: integer ``[B, T]`` with ``T <= max_len``; ids in
+    ``[0, vocab)`` when the values are concrete (under ``jit`` they are not checked: an id out
+    of range then reads an embedding row of NaNs, so the logits are NaN)."""
+    vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
+    tokens = jnp.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer token ids [B, T], got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be [B, T] token ids, got shape {tokens.shape}")
+    if tokens.shape[1] > cfg.max_len:
+        raise ValueError(
+            f"{name} has length {tokens.shape[1]} > config.max_len={cfg.max_len}; raise "
+            "max_len in the config or cut the sequences"
+        )
+    if not isinstance(tokens, jax.core.Tracer):
+        ids = np.asarray(tokens)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(
+                f"{name} holds ids outside [0, {vocab_size}): min {ids.min()}, max {ids.max()}"
+            )
+    return tokens
+
+
+def _valid(tokens, cfg, positions):
+    """Which positions hold a real token [B, T] (the start slot at position 0 always does)."""
+    start = (jnp.arange(tokens.shape[-1]) == 0)[None] if positions is None else positions == 0
+    return (tokens != cfg.pad_id) | start
+
+
+class _Positions(nn.Module):
+    """Adds position information to the scaled embeddings (sinusoids or a learned table)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions):
+        cfg = self.config
+        T = x.shape[1]
+        pos = jnp.arange(T)[None] if positions is None else positions  # [B|1, T]
+        if cfg.positional == "sinusoidal":
+            return x + sinusoidal_positional_encoding(pos, cfg.d_model, dtype=x.dtype)
+        if cfg.positional == "learned":
+            table = nn.Embed(
+                cfg.max_len,
+                cfg.d_model,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=0.02), ("position", "embed")
+                ),
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="position_embedding",
+            )
+            return x + table(pos)
+        return x  # 'rotary' acts inside attention; 'none' adds nothing
+
+
+def _rotary(cfg, tokens, positions):
+    if cfg.positional != "rotary":
+        return None
+    return jnp.arange(tokens.shape[-1])[None] if positions is None else positions
+
+
+class Encoder(nn.Module):
+    """Embedding × √D + positions -> dropout -> L encoder layers (-> LayerNorm if pre-LN)."""
+
+    config: TransformerConfig
+    embedder: Embedder
+
+    @nn.compact
+    def __call__(self, tokens, *, train: bool = False, positions=None):
+        cfg = self.config
+        mask = padding_mask(tokens, pad_id=cfg.pad_id)  # [B, 1, S, S]
+        x = _Positions(cfg, name="positions")(self.embedder(tokens), positions)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+        rotary = _rotary(cfg, tokens, positions)
+        for i in range(cfg.num_layers):
+            x = EncoderLayer(cfg, name=f"layer_{i}")(
+                x, mask, deterministic=not train, positions=rotary
+            )
+        if cfg.pre_ln:
+            x = layer_norm(cfg, "final_norm")(x)
+        return x  # [B, S, D]
+
+
+class Decoder(nn.Module):
+    """Decoder stack with causal self-attention and (if ``cross``) cross-attention; returns
+    logits over the target vocabulary."""
+
+    config: TransformerConfig
+    embedder: Embedder
+    cross: bool = True
+
+    @nn.compact
+    def __call__(
+        self, decoder_inputs, encoded=None, source_tokens=None, *, train=False, positions=None
+    ):
+        cfg = self.config
+        T = decoder_inputs.shape[-1]
+        valid = _valid(decoder_inputs, cfg, positions)  # [B, T]
+        self_mask = combine_masks(
+            causal_mask(T), (valid[:, :, None] & valid[:, None, :])[:, None]
+        )  # [B, 1, T, T]
+        cross_mask = None
+        if self.cross:
+            src_valid = source_tokens != cfg.pad_id  # [B, S]
+            cross_mask = (valid[:, :, None] & src_valid[:, None, :])[:, None]  # [B, 1, T, S]
+        y = _Positions(cfg, name="positions")(self.embedder(decoder_inputs), positions)
+        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+        rotary = _rotary(cfg, decoder_inputs, positions)
+        for i in range(cfg.decoder_layers):
+            y = DecoderLayer(cfg, cross=self.cross, name=f"layer_{i}")(
+                y, encoded, self_mask, cross_mask, deterministic=not train, positions=rotary
+            )
+        if cfg.pre_ln:
+            y = layer_norm(cfg, "final_norm")(y)
+        if cfg.share_embeddings:
+            return self.embedder.attend(y)  # [B, T, V]
+        return nn.Dense(
+            cfg.output_vocab_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.xavier_uniform(), ("embed", "vocab")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+            name="logits",
+        )(y)  # [B, T, V]
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder of the paper.
+
+    ``model.apply(vars, inputs [B, S], targets [B, T])`` -> logits ``[B, T, V]`` for
+    teacher forcing (the decoder reads ``shift_right(targets)``). ``encode`` and ``decode``
+    can be called separately (``method=``), as decoding needs.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        src = Embedder(cfg, cfg.vocab_size, name="embedding")
+        tgt = src
+        if not cfg.share_embeddings:
+            tgt = Embedder(cfg, cfg.output_vocab_size, name="target_embedding")
+        self.encoder = Encoder(cfg, src)
+        self.decoder = Decoder(cfg, tgt)
+
+    def encode(self, inputs, *, train: bool = False, positions=None):
+        """inputs [B, S] token ids -> encoded [B, S, D]."""
+        inputs = check_tokens("inputs", inputs, self.config)
+        return self.encoder(inputs, train=train, positions=positions)
+
+    def decode(self, encoded, inputs, decoder_inputs, *, train: bool = False, positions=None):
+        """encoded [B, S, D], inputs [B, S] (for the source padding), decoder_inputs [B, T]
+        (already shifted) -> logits [B, T, V]."""
+        cfg = self.config
+        inputs = check_tokens("inputs", inputs, cfg)
+        decoder_inputs = check_tokens("decoder_inputs", decoder_inputs, cfg, cfg.output_vocab_size)
+        if encoded.shape[:2] != inputs.shape or encoded.shape[-1] != cfg.d_model:
+            raise ValueError(
+                f"encoded must be [B, S, D={cfg.d_model}] for inputs {inputs.shape}, "
+                f"got {encoded.shape}"
+            )
+        if decoder_inputs.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"inputs {inputs.shape} and decoder_inputs {decoder_inputs.shape} need the "
+                "same batch size"
+            )
+        return self.decoder(decoder_inputs, encoded, inputs, train=train, positions=positions)
+
+    def __call__(self, inputs, targets, *, train: bool = False):
+        """inputs [B, S], targets [B, T] -> logits [B, T, V] predicting targets."""
+        targets = check_tokens("targets", targets, self.config, self.config.output_vocab_size)
+        encoded = self.encode(inputs, train=train)
+        return self.decode(encoded, inputs, shift_right(targets, self.config.pad_id), train=train)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: causal self-attention + feed-forward layers.
+
+    ``model.apply(vars, tokens [B, T])`` -> logits ``[B, T, V]``; position t predicts the
+    token at t + 1 of the same sequence (feed ``shift_right(tokens)`` to predict ``tokens``).
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        self.embedder = Embedder(self.config, self.config.vocab_size, name="embedding")
+        self.decoder = Decoder(self.config, self.embedder, cross=False)
+
+    def __call__(self, tokens, *, train: bool = False, positions=None):
+        tokens = check_tokens("tokens", tokens, self.config)
+        return self.decoder(tokens, train=train, positions=positions)
