@@ -282,3 +282,16 @@ def test_out_of_range_ids_under_jit_give_nan_not_silent_numbers():
     logits = jax.jit(model.apply)(variables, jnp.asarray(TGT).at[0, 0].set(V + 3))
     assert np.all(np.isnan(logits[0]))  # position 0 poisons every later position of row 0
     assert np.all(np.isfinite(logits[1]))
+
+
+def test_unshared_embeddings_with_a_separate_target_vocabulary():
+    cfg = _tiny(share_embeddings=False, target_vocab_size=40)
+    model = aj.Transformer(cfg)
+    variables = _init(model, SRC, TGT)
+    params = nn.unbox(variables["params"])
+    assert params["embedding"]["embedding"].shape == (V, 32)
+    assert params["target_embedding"]["embedding"].shape == (40, 32)
+    assert params["decoder"]["logits"]["kernel"].shape == (32, 40)
+    assert model.apply(variables, SRC, TGT).shape == (2, 7, 40)
+    with pytest.raises(ValueError, match=r"targets holds ids outside \[0, 40\)"):
+        model.apply(variables, SRC, np.full_like(TGT, 45))
