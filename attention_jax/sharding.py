@@ -1,0 +1,114 @@
+"""Sharding is data: a device mesh with named axes and one table of logical-axis rules.
+
+Every parameter carries logical axis names (``vocab, embed, heads, kv, mlp, position``; see
+layers.py). A rules table maps each logical name to a mesh axis (or None = replicated), and
+batches are split along ``data`` (and ``fsdp``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# Megatron-style tensor parallelism over `model` (heads, feed-forward width, vocabulary),
+# optional FSDP over `embed`, data parallelism over `data`.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("kv", None),
+    ("mlp", "model"),
+    ("position", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, devices=None) -> Mesh:
+    """A mesh over all (or the given) devices with axes ``('data', 'fsdp', 'model')``.
+
+    One size may be -1, meaning "the rest of the devices".
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = {"data": data, "fsdp": fsdp, "model": model}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name} must be a positive int or -1, got {size!r}")
+    rest = [n for n, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh {sizes}: the fixed axes ({known} devices) do not divide the "
+                f"{len(devices)} available devices"
+            )
+        sizes[rest[0]] = len(devices) // known
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(
+            f"mesh {sizes} needs {total} devices, but {len(devices)} are available "
+            f"({devices[0].platform}); use -1 for one axis to take the rest"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def check_rules(rules: Sequence[tuple[str, str | None]]) -> tuple:
+    """Validates a logical-axis rules table: known mesh axes, no logical name twice."""
+    seen = set()
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"a sharding rule is (logical_name, mesh_axis or None), got {rule!r}")
+        logical, axis = rule
+        if logical in seen:
+            raise ValueError(f"sharding rules name logical axis {logical!r} twice")
+        seen.add(logical)
+        axes = axis if isinstance(axis, tuple) else (axis,)
+        for a in axes:
+            if a is not None and a not in MESH_AXES:
+                raise ValueError(
+                    f"sharding rule {rule!r} maps to unknown mesh axis {a!r}; "
+                    f"mesh axes are {MESH_AXES}"
+                )
+    return tuple(tuple(r) for r in rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a tree of ``nn.Partitioned`` values (or their abstract shapes),
+    from their logical axis names and the rules. Unboxed leaves are replicated."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, check_rules(rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split over ``data`` and ``fsdp`` along their first axis."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Places this process's share of a batch as global arrays split over data/fsdp.
+
+    Each process passes its local rows (``global_batch / process_count``); the global batch
+    size must be divisible by the data-parallel size.
+    """
+    sharding = batch_sharding(mesh)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = {}
+    for name, local in batch.items():
+        local = np.asarray(local)
+        global_rows = local.shape[0] * jax.process_count()
+        if global_rows % dp:
+            raise ValueError(
+                f"batch '{name}' has {global_rows} rows in all, not divisible by the "
+                f"data-parallel size {dp} (mesh {dict(mesh.shape)})"
+            )
+        out[name] = jax.make_array_from_process_local_data(sharding, local)
+    return out

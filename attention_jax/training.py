@@ -1,0 +1,210 @@
+"""Training core: the paper's optimizer and schedule, a train state, pure train/eval steps,
+and their sharded, jitted versions.
+
+A batch is a dict of integer arrays ``{'inputs': [B, S], 'targets': [B, T]}`` for the
+`Transformer`, or ``{'targets': [B, T]}`` for the `TransformerLM` (which reads
+``shift_right(targets)``). Padding (``pad_id``) does not count in the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from attention_jax.losses import smoothed_cross_entropy_sums
+from attention_jax.model import TransformerLM, shift_right
+from attention_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
+
+
+def paper_learning_rate(d_model: int, warmup_steps: int = 4000, factor: float = 1.0):
+    """lrate = factor · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (section 5.3),
+    with step counted from 1 (optax counts updates from 0)."""
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0
+        return factor * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+
+    return schedule
+
+
+def make_optimizer(
+    d_model: int,
+    *,
+    warmup_steps: int = 4000,
+    lr_factor: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-9,
+    clip_norm: float | None = None,
+) -> optax.GradientTransformation:
+    """Adam(β1=0.9, β2=0.98, ε=1e-9) with the paper's warmup schedule; optional clipping."""
+    adam = optax.adam(paper_learning_rate(d_model, warmup_steps, lr_factor), b1=b1, b2=b2, eps=eps)
+    if clip_norm is None:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates done so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base dropout key; step t uses fold_in(rng, t)
+
+
+def _logits(model, params, batch, *, train: bool, rng=None):
+    rngs = None if rng is None else {"dropout": rng}
+    variables = {"params": params}
+    if isinstance(model, TransformerLM):
+        return model.apply(variables, shift_right(batch["targets"], model.config.pad_id),
+                           train=train, rngs=rngs)  # fmt: skip
+    return model.apply(variables, batch["inputs"], batch["targets"], train=train, rngs=rngs)
+
+
+def _sums(model, params, batch, *, train, rng, label_smoothing):
+    logits = _logits(model, params, batch, train=train, rng=rng)
+    return smoothed_cross_entropy_sums(
+        logits, batch["targets"], label_smoothing=label_smoothing, pad_id=model.config.pad_id
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    label_smoothing: float = 0.1,
+    accum_steps: int = 1,
+) -> tuple[TrainState, dict]:
+    """One optimizer update from `batch`, as a pure function.
+
+    With ``accum_steps = k`` the batch is split into k microbatches whose gradient *sums*
+    are accumulated (``lax.scan``), then divided by the total token count: the same update
+    as one step on the whole batch, with 1/k of the activation memory.
+
+    Returns the new state and metrics ``{loss, accuracy, tokens, grad_norm}``
+    (loss = mean over non-padding target tokens).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_sums(params, mb, key):
+        loss, tokens, correct = _sums(
+            model, params, mb, train=True, rng=key, label_smoothing=label_smoothing
+        )
+        return loss, (tokens, correct)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    if accum_steps == 1:
+        (loss, (tokens, correct)), grads = grad_fn(state.params, batch, rng)
+    else:
+
+        def split(x):  # [B, ...] -> [k, B/k, ...]
+            if x.shape[0] % accum_steps:
+                raise ValueError(
+                    f"batch of {x.shape[0]} rows does not split into accum_steps={accum_steps}"
+                )
+            return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+
+        def body(carry, xs):
+            i, mb = xs
+            (l_, (t_, c_)), g_ = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            acc_g, acc_l, acc_t, acc_c = carry
+            return (jax.tree.map(jnp.add, acc_g, g_), acc_l + l_, acc_t + t_, acc_c + c_), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        xs = (jnp.arange(accum_steps), jax.tree.map(split, batch))
+        (grads, loss, tokens, correct), _ = jax.lax.scan(body, init, xs)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)  # d(mean loss)/d(params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {
+        "loss": loss / denom,
+        "accuracy": correct / denom,
+        "tokens": tokens,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float = 0.1) -> dict:
+    """Sums over a batch, deterministic: ``{loss_sum, tokens, correct}`` (add across batches)."""
+    loss, tokens, correct = _sums(
+        model, params, batch, train=False, rng=None, label_smoothing=label_smoothing
+    )
+    return {"loss_sum": loss, "tokens": tokens, "correct": correct}
+
+
+# --------------------------------------------------------------------------------------
+# Sharded state and steps.
+# --------------------------------------------------------------------------------------
+
+
+def _init_state(model, optimizer, example_batch, rng):
+    init_key, dropout_key = jax.random.split(rng)
+    if isinstance(model, TransformerLM):
+        variables = model.init(init_key, example_batch["targets"])
+    else:
+        variables = model.init(init_key, example_batch["inputs"], example_batch["targets"])
+    params = variables["params"]  # boxed (nn.Partitioned): carries logical axis names
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),  # Adam's moments inherit the boxes, hence the names
+        rng=dropout_key,
+    )
+
+
+def create_train_state(model, optimizer, example_batch: dict, rng, mesh, rules=DEFAULT_RULES):
+    """Creates the train state already sharded on `mesh` (never materialised unsharded).
+
+    ``eval_shape`` gives the boxed abstract state; its logical names and the rules give the
+    shardings; ``jit(init, out_shardings=...)`` creates each shard where it lives.
+
+    Returns ``(state, state_shardings)`` with unboxed params.
+    """
+    abstract = jax.eval_shape(functools.partial(_init_state, model, optimizer), example_batch, rng)
+    shardings = logical_shardings(abstract, mesh, rules)  # unnamed leaves: replicated
+
+    def init(batch, key):
+        return nn.unbox(_init_state(model, optimizer, batch, key))
+
+    state = jax.jit(init, out_shardings=shardings)(example_batch, rng)
+    return state, shardings
+
+
+def _replicated(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def jit_train_step(model, optimizer, state_shardings, mesh, **step_kwargs):
+    """The train step jitted once with in/out shardings and the state donated."""
+    step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
+    data = batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, data),
+        out_shardings=(state_shardings, _replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(model, param_shardings, mesh, **step_kwargs):
+    step = functools.partial(eval_step, model=model, **step_kwargs)
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings, batch_sharding(mesh)),
+        out_shardings=_replicated(mesh),
+    )
