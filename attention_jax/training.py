@@ -57,7 +57,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: updates done so far
     params: Any
     opt_state: Any
-    rng: jax.Array  # base dropout key; step t uses fold_in(rng, t)
+    rng: jax.Array  # base dropout key (raw uint32 key data); step t uses fold_in(rng, t)
 
 
 def _logits(model, params, batch, *, train: bool, rng=None):
@@ -69,7 +69,7 @@ def _logits(model, params, batch, *, train: bool, rng=None):
     return model.apply(variables, batch["inputs"], batch["targets"], train=train, rngs=rngs)
 
 
-def _sums(model, params, batch, *, train, rng, label_smoothing):
+def _sums(model, params, batch, *, train, rng, label_smoothing):  # (loss, tokens, correct)
     logits = _logits(model, params, batch, train=train, rng=rng)
     return smoothed_cross_entropy_sums(
         logits, batch["targets"], label_smoothing=label_smoothing, pad_id=model.config.pad_id
@@ -140,11 +140,22 @@ def train_step(
 
 
 def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float = 0.1) -> dict:
-    """Sums over a batch, deterministic: ``{loss_sum, tokens, correct}`` (add across batches)."""
-    loss, tokens, correct = _sums(
-        model, params, batch, train=False, rng=None, label_smoothing=label_smoothing
+    """Sums over a batch, deterministic (add them across batches): ``loss_sum``, ``tokens``,
+    ``correct`` tokens, ``sequences`` and ``exact`` — sequences whose every target token is
+    the argmax given the true prefix (for greedy decoding that is the same as exact match)."""
+    logits = _logits(model, params, batch, train=False)
+    targets = batch["targets"]
+    loss, tokens, correct = smoothed_cross_entropy_sums(
+        logits, targets, label_smoothing=label_smoothing, pad_id=model.config.pad_id
     )
-    return {"loss_sum": loss, "tokens": tokens, "correct": correct}
+    right = (jnp.argmax(logits, -1) == targets) | (targets == model.config.pad_id)  # [B, T]
+    return {
+        "loss_sum": loss,
+        "tokens": tokens,
+        "correct": correct,
+        "sequences": jnp.float32(targets.shape[0]),
+        "exact": jnp.sum(jnp.all(right, axis=-1).astype(jnp.float32)),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -154,6 +165,8 @@ def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float =
 
 def _init_state(model, optimizer, example_batch, rng):
     init_key, dropout_key = jax.random.split(rng)
+    if jnp.issubdtype(dropout_key.dtype, jax.dtypes.prng_key):
+        dropout_key = jax.random.key_data(dropout_key)  # raw uint32: checkpoints store it as is
     if isinstance(model, TransformerLM):
         variables = model.init(init_key, example_batch["targets"])
     else:

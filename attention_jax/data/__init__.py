@@ -1,0 +1,1 @@
+"""Data: sources, tokenizers and pipelines. `synthetic` is the built-in sequence task."""

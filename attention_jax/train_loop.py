@@ -1,0 +1,189 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run behind experiments/train.py.
+
+Restarting with the same workdir resumes from the latest complete checkpoint. The built-in
+task's batches are a pure function of the step, so the resumed run sees exactly the data an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from attention_jax import sharding, training
+from attention_jax.checkpoint import Checkpointer
+from attention_jax.config import TransformerConfig
+from attention_jax.data.synthetic import reversal_batch
+from attention_jax.model import Transformer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+    """TransformerConfig from ``config.model`` (dtype names as strings)."""
+    fields = dict(config.model)
+    for name in ("dtype", "param_dtype"):
+        if name in fields:
+            if fields[name] not in _DTYPES:
+                raise ValueError(
+                    f"config.model.{name} must be one of {tuple(_DTYPES)}, got {fields[name]!r}"
+                )
+            fields[name] = _DTYPES[fields[name]]
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
+    return TransformerConfig(**fields)
+
+
+def _model_signature(cfg: TransformerConfig) -> dict:
+    """What must match between a checkpoint and the model restoring it."""
+    keys = (
+        "vocab_size", "target_vocab_size", "share_embeddings", "d_model", "num_heads",
+        "num_layers", "num_decoder_layers", "d_ff", "max_len", "positional", "pre_ln",
+    )  # fmt: skip
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _batch(config, index: int, split: str = "train") -> dict:
+    data = config.data
+    if data.task != "reversal":
+        raise ValueError(f"config.data.task={data.task!r}: only 'reversal' is built in so far")
+    return reversal_batch(
+        index,
+        batch_size=config.batch_size,
+        vocab_size=config.model.vocab_size,
+        min_len=data.min_len,
+        max_len=data.max_len,
+        seed=config.seed,
+        split=split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def _check_workdir(workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+class _MetricsLog:
+    """metrics.jsonl in the workdir, written by process 0 only; on resume, lines past the
+    restored step are dropped so the log equals an uninterrupted run's."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        if self.enabled and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def evaluate(eval_fn, params, config, mesh, split: str = "validation") -> dict:
+    totals = None
+    for i in range(config.eval_batches):
+        sums = eval_fn(params, sharding.shard_batch(_batch(config, i, split), mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return {
+        "loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0)),
+        "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
+        "exact_match": float(totals["exact"] / max(totals["sequences"], 1.0)),
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
+    held-out metrics."""
+    _check_workdir(workdir)
+    cfg = model_config(config)
+    model = Transformer(cfg)
+    optimizer = training.make_optimizer(
+        cfg.d_model,
+        warmup_steps=config.warmup_steps,
+        lr_factor=config.lr_factor,
+        clip_norm=config.clip_norm or None,
+    )
+    mesh = sharding.make_mesh(**config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    state, shardings = training.create_train_state(
+        model, optimizer, _batch(config, 0), jax.random.key(config.seed), mesh, rules
+    )
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
+    meta = {"model": _model_signature(cfg)}
+    start = ckpt.latest_step() or 0
+    if start:
+        saved = ckpt.read_meta(start)
+        if saved.get("model") != json.loads(json.dumps(meta["model"])):
+            raise ValueError(
+                f"workdir {workdir!r} holds a checkpoint of a different model:\n"
+                f"  checkpoint: {saved.get('model')}\n  config:     {meta['model']}\n"
+                "use a new --workdir, or the config that wrote it"
+            )
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        state, _ = ckpt.restore(start, abstract)
+        print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    log = _MetricsLog(workdir, start)
+    step_fn = training.jit_train_step(
+        model, optimizer, shardings, mesh,
+        label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
+    )  # fmt: skip
+    eval_fn = training.jit_eval_step(model, shardings.params, mesh)
+    total = config.num_train_steps
+    t0, tokens_since, step = time.perf_counter(), 0.0, start
+    for step in range(start, total):
+        state, metrics = step_fn(state, sharding.shard_batch(_batch(config, step), mesh))
+        done = step + 1
+        last = done == total
+        if done % config.log_every == 0 or last:
+            m = jax.device_get(metrics)
+            tokens_since += float(m["tokens"]) * config.log_every
+            elapsed = time.perf_counter() - t0
+            rate = (done - start) / max(elapsed, 1e-9)
+            record = {"step": done, "train_loss": float(m["loss"]),
+                      "train_accuracy": float(m["accuracy"]),
+                      "tokens_per_s": tokens_since / max(elapsed, 1e-9)}  # fmt: skip
+            log.write(record)
+            print(
+                f"step {done}/{total}  loss {record['train_loss']:.4f}  "
+                f"acc {record['train_accuracy']:.3f}  {record['tokens_per_s']:.0f} tok/s  "
+                f"ETA {(total - done) / max(rate, 1e-9):.0f}s",
+                flush=True,
+            )
+        if done % config.eval_every == 0 or last:
+            ev = evaluate(eval_fn, state.params, config, mesh)
+            log.write({"step": done, **{f"eval_{k}": v for k, v in ev.items()}})
+            print(f"step {done}: validation {ev}", flush=True)
+        ckpt.save(done, state, meta, force=last)
+    ckpt.close()
+    final = evaluate(eval_fn, state.params, config, mesh, split="test")
+    log.write({"step": step + 1 if total > start else start, "test": final})
+    print(
+        f"final test metrics: {final}\ncheckpoints: {ckpt.directory}\n"
+        f"metrics: {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')}",
+        flush=True,
+    )
+    return final

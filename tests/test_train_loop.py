@@ -1,0 +1,133 @@
+"""End-to-end training runs: the default experiment in miniature, exact resume, bad input."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from attention_jax import train_loop
+from attention_jax.checkpoint import Checkpointer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _default_config():
+    spec = importlib.util.spec_from_file_location(
+        "default_config", ROOT / "experiments" / "configs" / "default.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _tiny_config(steps, **overrides):
+    config = _default_config()
+    config.model.update(d_model=32, num_heads=4, d_ff=64, dropout_rate=0.1)
+    config.batch_size = 8
+    config.num_train_steps = steps
+    config.log_every = 1
+    config.eval_every = 1000
+    config.eval_batches = 1
+    config.checkpoint_every = 10
+    config.update(overrides)
+    return config
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+
+
+def _final_params(workdir, step):
+    ckpt = Checkpointer(workdir)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    restored = ckpt.manager.restore(step, args=args)
+    ckpt.close()
+    return restored["state"]["params"]
+
+
+def test_end_to_end_tiny_run(tmp_path):
+    final = train_loop.train_and_evaluate(_tiny_config(6), str(tmp_path))
+    assert set(final) == {"loss", "accuracy", "exact_match"}
+    assert np.isfinite(final["loss"])
+    assert [s for s, _ in _losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert Checkpointer(str(tmp_path)).latest_step() == 6
+
+
+def test_exact_resume_equals_uninterrupted_run(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_loop.train_and_evaluate(_tiny_config(20), straight)
+    train_loop.train_and_evaluate(_tiny_config(10), resumed)  # "stopped" at 10
+    train_loop.train_and_evaluate(_tiny_config(20), resumed)  # restarted, same workdir
+    assert _losses(resumed) == _losses(straight)  # per-step losses, bit for bit
+    a, b = _final_params(straight, 20), _final_params(resumed, 20)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoint_of_a_different_model_is_refused_and_kept(tmp_path):
+    train_loop.train_and_evaluate(_tiny_config(2), str(tmp_path))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config = _tiny_config(4)
+    config.model.num_layers = 3
+    with pytest.raises(ValueError, match="holds a checkpoint of a different model"):
+        train_loop.train_and_evaluate(config, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "change, err, match",
+    [
+        (lambda c: c.model.update(n_layers=2), ValueError, "unknown fields"),
+        (lambda c: c.model.update(dtype="float8"), ValueError, "dtype must be one of"),
+        (lambda c: c.update(batch_size=6), ValueError, "not divisible by the data-parallel"),
+        (lambda c: c.mesh.update(data=8, model=2), ValueError, "needs 16 devices, but 8"),
+        (lambda c: c.data.update(task="wmt"), ValueError, "only 'reversal' is built in"),
+    ],
+)
+def test_bad_configs(tmp_path, change, err, match):
+    config = _tiny_config(2)
+    change(config)
+    with pytest.raises(err, match=match):
+        train_loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        train_loop.train_and_evaluate(_tiny_config(2), str(blocker / "workdir"))
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_missing_config_file(tmp_path):
+    r = _cli("--config=/nonexistent/config.py", f"--workdir={tmp_path}")
+    assert r.returncode != 0
+    assert "/nonexistent/config.py" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_unknown_override_key(tmp_path):
+    cfg = ROOT / "experiments" / "configs" / "default.py"
+    r = _cli(f"--config={cfg}", f"--workdir={tmp_path}", "--config.num_trian_steps=5")
+    assert r.returncode != 0
+    assert "num_trian_steps" in r.stderr
+    assert not any(tmp_path.iterdir())
