@@ -1,11 +1,13 @@
-# Two commands do all set-up on a fresh machine: `make test` (and, from the training issue on,
-# `make train`). Both create .venv if it is missing and install the package into it.
+# Two commands do all set-up on a fresh machine: `make train` and `make test`. Both create
+# .venv if it is missing and install the package into it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint format bench clean venv
+WORKDIR ?= workdir/default
+
+.PHONY: train test lint format bench clean venv
 
 venv: $(STAMP)
 
@@ -14,6 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The default experiment (built-in reversal task) on CPU; rerunning resumes from WORKDIR.
+train: $(STAMP)
+	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(WORKDIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
