@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 64  # sequences per step (global, across processes)
     config.num_train_steps = 4000
     config.warmup_steps = 400  # the paper's schedule: d^-0.5 · min(t^-0.5, t · warmup^-1.5)
-    config.lr_factor = 1.0
+    config.lr_factor = 0.5
     config.clip_norm = 0.0  # 0 = no gradient clipping
     config.label_smoothing = 0.1
     config.accum_steps = 1  # microbatches per step (gradient accumulation)
