@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -58,3 +60,37 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def average_checkpoints(workdir: str, last_k: int):
+    """The mean of the params of the last `last_k` checkpoints in `workdir` (the paper averages
+    the last 5 checkpoints for base models and 20 for big ones, section 6.1).
+
+    Returns ``(params, steps)``: params as host NumPy arrays (float32 sums, cast back to each
+    leaf's dtype) and the steps averaged. Raises if fewer than `last_k` checkpoints exist.
+    """
+    if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
+        raise ValueError(f"last_k must be a positive int, got {last_k!r}")
+    ckpt = Checkpointer(workdir)
+    try:
+        steps = sorted(ckpt.manager.all_steps())[-last_k:]
+        if len(steps) < last_k:
+            raise ValueError(
+                f"average_checkpoints: asked for the last {last_k} checkpoints, but "
+                f"{ckpt.directory} holds {len(steps)} ({steps})"
+            )
+        total, dtypes = None, None
+        for step in steps:
+            restored = ckpt.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            )
+            params = jax.tree.map(np.asarray, restored["state"]["params"])
+            if total is None:
+                dtypes = jax.tree.map(lambda x: x.dtype, params)
+                total = jax.tree.map(lambda x: x.astype(np.float32), params)
+            else:
+                total = jax.tree.map(lambda t, x: t + x.astype(np.float32), total, params)
+    finally:
+        ckpt.close()
+    mean = jax.tree.map(lambda t, d: (t / len(steps)).astype(d), total, dtypes)
+    return mean, steps

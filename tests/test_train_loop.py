@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from attention_jax import train_loop
-from attention_jax.checkpoint import Checkpointer
+from attention_jax.checkpoint import Checkpointer, average_checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -131,3 +131,15 @@ def test_cli_unknown_override_key(tmp_path):
     assert r.returncode != 0
     assert "num_trian_steps" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_average_checkpoints_is_the_mean_of_the_last_k(tmp_path):
+    config = _tiny_config(4, checkpoint_every=1, keep_checkpoints=5)
+    train_loop.train_and_evaluate(config, str(tmp_path))
+    mean, steps = average_checkpoints(str(tmp_path), 3)
+    assert steps == [2, 3, 4]
+    per_step = [_final_params(str(tmp_path), s) for s in steps]
+    for m, *xs in zip(*(jax.tree.leaves(t) for t in [mean, *per_step]), strict=True):
+        np.testing.assert_allclose(m, np.mean(np.stack(xs), 0), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="asked for the last 9 checkpoints"):
+        average_checkpoints(str(tmp_path), 9)
