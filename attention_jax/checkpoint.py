@@ -24,7 +24,10 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, save_interval_steps=every, create=True
             ),
-            item_names=("state", "meta"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -48,6 +51,19 @@ class Checkpointer:
             ),
         )
         return restored["state"], restored["meta"]
+
+    def restore_on_one_device(self, step: int, device=None) -> dict:
+        """The state saved at `step` as a plain tree on one device (default: the first local
+        one), whatever mesh or number of hosts wrote it: for evaluation, decoding and
+        averaging on a machine other than the one that trained."""
+        device = jax.local_devices()[0] if device is None else device
+        one = jax.sharding.SingleDeviceSharding(device)
+        saved = self.manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return restored["state"]
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -81,10 +97,8 @@ def average_checkpoints(workdir: str, last_k: int):
             )
         total, dtypes = None, None
         for step in steps:
-            restored = ckpt.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-            )
-            params = jax.tree.map(np.asarray, restored["state"]["params"])
+            restored = ckpt.restore_on_one_device(step)
+            params = jax.tree.map(np.asarray, restored["params"])
             if total is None:
                 dtypes = jax.tree.map(lambda x: x.dtype, params)
                 total = jax.tree.map(lambda x: x.astype(np.float32), params)

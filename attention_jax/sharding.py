@@ -112,3 +112,27 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
             )
         out[name] = jax.make_array_from_process_local_data(sharding, local)
     return out
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process run (``jax.distributed.initialize``); call before any JAX work.
+
+    With no arguments JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI). On
+    CPU the processes exchange data through gloo, so two processes on one machine
+    (``coordinator_address='127.0.0.1:PORT'``) exercise the same multi-host code as a pod.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError(
+            "give all of coordinator_address, num_processes and process_id, or none of "
+            f"them (auto-detect); got {coordinator_address=}, {num_processes=}, {process_id=}"
+        )
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    # Only affects the CPU backend: cross-process collectives between CPU devices need gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -15,12 +15,14 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from attention_jax import sharding, training
+from attention_jax import flops, sharding, training
 from attention_jax.checkpoint import Checkpointer
 from attention_jax.config import TransformerConfig
 from attention_jax.data.synthetic import reversal_batch
 from attention_jax.model import Transformer
+from attention_jax.reporting import MetricsWriter, Progress
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -70,34 +72,13 @@ def _batch(config, index: int, split: str = "train") -> dict:
 
 def _check_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # one per process
     try:
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
-
-
-class _MetricsLog:
-    """metrics.jsonl in the workdir, written by process 0 only; on resume, lines past the
-    restored step are dropped so the log equals an uninterrupted run's."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
-        if self.enabled and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def evaluate(eval_fn, params, config, mesh, split: str = "validation") -> dict:
@@ -145,49 +126,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
         state, _ = ckpt.restore(start, abstract)
-        print(f"resumed from step {start} ({ckpt.directory})", flush=True)
-    log = _MetricsLog(workdir, start)
+        if jax.process_index() == 0:
+            print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    log = MetricsWriter(workdir, start)
+    progress = Progress(config.num_train_steps, start)
     step_fn = training.jit_train_step(
         model, optimizer, shardings, mesh,
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
     )  # fmt: skip
     eval_fn = training.jit_eval_step(model, shardings.params, mesh)
+    peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
     total = config.num_train_steps
     # Throughput over each logging interval (the first one includes compilation); the host
     # reads metrics only at these steps.
     mark_step, mark_time, step = start, time.perf_counter(), start
+    interval_tokens = interval_flops = 0.0  # counted on the host from the numpy batches
     for step in range(start, total):
-        state, metrics = step_fn(state, sharding.shard_batch(_batch(config, step), mesh))
+        batch = _batch(config, step)
+        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+        tokens, step_flops = _count(cfg, batch)
+        interval_tokens += tokens * jax.process_count()
+        interval_flops += step_flops * jax.process_count()
         done = step + 1
         last = done == total
         if done % config.log_every == 0 or last:
             m = jax.device_get(metrics)
             seconds = max(time.perf_counter() - mark_time, 1e-9)
             steps_per_s = (done - mark_step) / seconds
-            record = {"step": done, "train_loss": float(m["loss"]),
+            record = {"train_loss": float(m["loss"]),
                       "train_accuracy": float(m["accuracy"]),
-                      # this step's target tokens × steps per second (batches vary little)
-                      "tokens_per_s": float(m["tokens"]) * steps_per_s}  # fmt: skip
-            log.write(record)
-            print(
-                f"step {done}/{total}  loss {record['train_loss']:.4f}  "
-                f"acc {record['train_accuracy']:.3f}  {record['tokens_per_s']:.0f} tok/s  "
-                f"ETA {(total - done) / steps_per_s:.0f}s",
-                flush=True,
-            )
+                      "tokens_per_s": interval_tokens / seconds}  # target tokens  # fmt: skip
+            if peak:
+                record["mfu"] = interval_flops / seconds / (peak * mesh.size)
+            log.write(done, record)
+            progress.update(done, record, eta_s=(total - done) / steps_per_s)
             mark_step, mark_time = done, time.perf_counter()
+            interval_tokens = interval_flops = 0.0
         if done % config.eval_every == 0 or last:
+            eval_start = time.perf_counter()
             ev = evaluate(eval_fn, state.params, config, mesh)
-            log.write({"step": done, **{f"eval_{k}": v for k, v in ev.items()}})
-            print(f"step {done}: validation {ev}", flush=True)
-            mark_time = time.perf_counter()  # evaluation is not training throughput
+            log.write(done, {f"eval_{k}": v for k, v in ev.items()})
+            progress.print(f"step {done}: validation {_fmt(ev)}")
+            mark_time += time.perf_counter() - eval_start  # evaluation is not training time
         ckpt.save(done, state, meta, force=last)
+    progress.close()
     ckpt.close()
     final = evaluate(eval_fn, state.params, config, mesh, split="test")
-    log.write({"step": step + 1 if total > start else start, "test": final})
-    print(
-        f"final test metrics: {final}\ncheckpoints: {ckpt.directory}\n"
-        f"metrics: {os.path.join(os.path.abspath(workdir), 'metrics.jsonl')}",
-        flush=True,
-    )
+    log.write(max(start, total), {f"test_{k}": v for k, v in final.items()})
+    log.close()
+    if jax.process_index() == 0:
+        workdir = os.path.abspath(workdir)
+        print(
+            f"final test metrics: {_fmt(final)}\ncheckpoints: {ckpt.directory}\n"
+            f"metrics: {os.path.join(workdir, 'metrics.jsonl')} "
+            f"(tensorboard --logdir {workdir})",
+            flush=True,
+        )
     return final
+
+
+def _fmt(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _count(cfg: TransformerConfig, batch: dict) -> tuple[int, float]:
+    """Target tokens and model FLOPs of a step on this process's `batch` (non-padding tokens;
+    see flops.py)."""
+    inputs, targets = batch["inputs"], batch["targets"]
+    target_tokens = int(np.count_nonzero(targets != cfg.pad_id))
+    step_flops = flops.transformer_train_flops(
+        cfg,
+        source_tokens=int(np.count_nonzero(inputs != cfg.pad_id)),
+        target_tokens=target_tokens,
+        source_len=inputs.shape[1],
+        target_len=targets.shape[1],
+    )
+    return target_tokens, step_flops

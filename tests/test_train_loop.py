@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from attention_jax import train_loop
@@ -46,12 +45,15 @@ def _losses(workdir):
     return [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
 
 
-def _final_params(workdir, step):
+def _final_state(workdir, step):
     ckpt = Checkpointer(workdir)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
-    restored = ckpt.manager.restore(step, args=args)
+    state = ckpt.restore_on_one_device(step)
     ckpt.close()
-    return restored["state"]["params"]
+    return state
+
+
+def _final_params(workdir, step):
+    return _final_state(workdir, step)["params"]
 
 
 def test_end_to_end_tiny_run(tmp_path):

@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batches = 8  # held-out batches of batch_size sequences
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
+    # Peak FLOP/s of one device for the MFU column; 0 = look the device up in
+    # attention_jax.flops.PEAK_FLOPS (TPUs, NVIDIA GPUs); CPUs are not listed, so no MFU there
+    # unless given (benchmarks/train_step.py measures a CPU's matmul peak).
+    config.peak_flops_per_device = 0.0
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = the rest
     config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axis
     return config

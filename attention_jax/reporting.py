@@ -1,0 +1,112 @@
+"""What a training run reports: metrics.jsonl and TensorBoard event files in the workdir, and a
+progress bar on the terminal. Only process 0 writes or prints anything.
+
+TensorBoard files are written with tensorboardX (numpy + protobuf; no TensorFlow), under
+``<workdir>/tensorboard``; view them with ``tensorboard --logdir <workdir>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import tqdm
+
+_SPLITS = ("train", "eval", "test")
+
+
+def _tag(key: str) -> str:
+    """``train_loss`` -> ``train/loss``: TensorBoard groups the charts by split."""
+    split, _, name = key.partition("_")
+    return f"{split}/{name}" if split in _SPLITS and name else key
+
+
+class MetricsWriter:
+    """Appends ``{"step": ..., metrics...}`` records to ``metrics.jsonl`` and the same scalars
+    to TensorBoard. Resuming at `resume_step` first drops every record past that step from
+    both (TensorBoard's ``purge_step``), so the logs equal an uninterrupted run's."""
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+        self._tb = SummaryWriter(
+            os.path.join(workdir, "tensorboard"), purge_step=resume_step or None, flush_secs=30
+        )
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            self._tb.add_scalar(_tag(key), value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _si(x: float) -> str:
+    return f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}"
+
+
+class Progress:
+    """A tqdm bar (steps, loss, tokens/s, MFU, ETA) when stderr is a terminal or notebook;
+    otherwise one plain line per logging interval, which reads well in log files and CI."""
+
+    def __init__(self, total: int, initial: int = 0):
+        self.total = total
+        self.enabled = jax.process_index() == 0
+        interactive = self.enabled and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+        self._bar = (
+            tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            if interactive
+            else None
+        )
+        self._done = initial
+
+    def update(self, step: int, record: dict, eta_s: float) -> None:
+        """Shows `record` (train_loss, train_accuracy, tokens_per_s, optional mfu) at `step`."""
+        if not self.enabled:
+            return
+        stats = {
+            "loss": f"{record['train_loss']:.4f}",
+            "acc": f"{record['train_accuracy']:.3f}",
+            "tok/s": _si(record["tokens_per_s"]),
+        }
+        if "mfu" in record:
+            stats["MFU"] = f"{100 * record['mfu']:.1f}%"
+        if self._bar is not None:
+            self._bar.set_postfix(stats, refresh=False)
+            self._bar.update(step - self._done)
+        else:
+            shown = "  ".join(f"{k} {v}" for k, v in stats.items())
+            print(f"step {step}/{self.total}  {shown}  ETA {eta_s:.0f}s", flush=True)
+        self._done = step
+
+    def print(self, message: str) -> None:
+        """A line of its own, above the bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        elif self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
