@@ -55,8 +55,10 @@ def _model_signature(cfg: TransformerConfig) -> dict:
 
 def _batch(config, index: int, split: str = "train") -> dict:
     data = config.data
-    if data.task != "reversal":
-        raise ValueError(f"config.data.task={data.task!r}: only 'reversal' is built in so far")
+    if data.dataset != "reversal":
+        raise ValueError(
+            f"config.data.dataset={data.dataset!r}: only 'reversal' is built in so far"
+        )
     return reversal_batch(
         index,
         batch_size=config.batch_size,

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_jax import train_loop
+from attention_jax import Transformer, train_loop
 from attention_jax.checkpoint import Checkpointer, average_checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -92,7 +93,7 @@ def test_checkpoint_of_a_different_model_is_refused_and_kept(tmp_path):
         (lambda c: c.model.update(dtype="float8"), ValueError, "dtype must be one of"),
         (lambda c: c.update(batch_size=6), ValueError, "not divisible by the data-parallel"),
         (lambda c: c.mesh.update(data=8, model=2), ValueError, "needs 16 devices, but 8"),
-        (lambda c: c.data.update(task="wmt"), ValueError, "only 'reversal' is built in"),
+        (lambda c: c.data.update(dataset="wmt"), ValueError, "only 'reversal' is built in"),
     ],
 )
 def test_bad_configs(tmp_path, change, err, match):
@@ -145,3 +146,29 @@ def test_average_checkpoints_is_the_mean_of_the_last_k(tmp_path):
         np.testing.assert_allclose(m, np.mean(np.stack(xs), 0), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="asked for the last 9 checkpoints"):
         average_checkpoints(str(tmp_path), 9)
+
+
+@pytest.mark.parametrize(
+    "name, params_m, dropout",
+    [("wmt14_base", 63.1e6, 0.1), ("wmt14_big", 214.2e6, 0.3)],  # counted at V=37000
+)
+def test_wmt14_configs_are_the_papers(name, params_m, dropout):
+    """The paper's settings (Table 3, sections 5.1-5.4) in the experiment configs."""
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "experiments" / "configs" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    cfg = train_loop.model_config(config)
+    assert (cfg.vocab_size, cfg.num_layers, cfg.dropout_rate) == (37000, 6, dropout)
+    assert (config.warmup_steps, config.lr_factor, config.label_smoothing) == (4000, 1.0, 0.1)
+    assert config.data.tokens_per_batch == 25000
+    assert (config.data.dataset, config.data.direction) == ("wmt14_translate/de-en", "en-de")
+    shapes = jax.eval_shape(
+        lambda: Transformer(cfg).init(
+            jax.random.key(0), jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)
+        )
+    )
+    count = sum(x.size for x in jax.tree.leaves(shapes))
+    assert count == pytest.approx(params_m, rel=1e-3)

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     config.data = ml_collections.ConfigDict(
-        dict(task="reversal", min_len=4, max_len=12)  # source lengths, uniform
+        dict(dataset="reversal", min_len=4, max_len=12)  # source lengths, uniform
     )
     config.batch_size = 64  # sequences per step (global, across processes)
     config.num_train_steps = 4000
