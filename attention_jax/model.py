@@ -3,6 +3,11 @@
 Padding (``config.pad_id``) is read from the token ids: no query attends a padded key. The
 first decoder position is the start slot (``shift_right`` puts ``pad_id`` there, as in the
 paper's implementations) and is never treated as padding.
+
+Packed batches (several examples per row, as the data pipeline makes them) pass
+``*_positions`` (restarting at 0 in each example) and ``*_segmentation`` (1, 2, ... per
+example, 0 = padding): attention never crosses examples, and each example's start slot is
+its own position 0.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 
 from attention_jax.config import TransformerConfig
 from attention_jax.layers import DecoderLayer, Embedder, EncoderLayer, layer_norm
-from attention_jax.masks import causal_mask, combine_masks, padding_mask
+from attention_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask
 from attention_jax.positional import sinusoidal_positional_encoding
 
 
@@ -23,6 +28,25 @@ def shift_right(tokens, bos_id: int = 0):
     tokens = jnp.asarray(tokens)
     pad = [(0, 0)] * (tokens.ndim - 1) + [(1, 0)]
     return jnp.pad(tokens, pad, constant_values=bos_id)[..., :-1]
+
+
+def shift_right_packed(tokens, positions=None, bos_id: int = 0):
+    """`shift_right` within each packed example: every position 0 reads `bos_id`, so no
+    example sees the last token of the one before it."""
+    shifted = shift_right(tokens, bos_id)
+    return shifted if positions is None else jnp.where(positions == 0, bos_id, shifted)
+
+
+def _check_packing(name, tokens, positions, segmentation):
+    for what, value in (("positions", positions), ("segmentation", segmentation)):
+        if value is not None and jnp.shape(value) != tokens.shape:
+            raise ValueError(
+                f"{name} {what} must have the tokens' shape {tokens.shape}, got {jnp.shape(value)}"
+            )
+        if value is not None and not jnp.issubdtype(jnp.asarray(value).dtype, jnp.integer):
+            raise TypeError(f"{name} {what} must be integers, got {jnp.asarray(value).dtype}")
+    if segmentation is not None and positions is None:
+        raise ValueError(f"packed {name}: segmentation needs positions (restarting at 0)")
 
 
 def check_tokens(name: str, tokens, cfg: TransformerConfig, vocab_size: int | None = None):
@@ -49,10 +73,20 @@ def check_tokens(name: str, tokens, cfg: TransformerConfig, vocab_size: int | No
     return tokens
 
 
-def _valid(tokens, cfg, positions):
-    """Which positions hold a real token [B, T] (the start slot at position 0 always does)."""
+def _valid(tokens, cfg, positions, segmentation=None):
+    """Which positions hold a real token [B, T] (the start slot at position 0 always does;
+    in a packed row, each example's position 0 is a start slot, padding is segment 0)."""
     start = (jnp.arange(tokens.shape[-1]) == 0)[None] if positions is None else positions == 0
+    if segmentation is not None:
+        start = start & (segmentation != 0)
     return (tokens != cfg.pad_id) | start
+
+
+def _same_segment(q_segmentation, kv_segmentation):
+    """[B, 1, T, S] mask of same-example pairs, or None when the batch is not packed."""
+    if q_segmentation is None:
+        return None
+    return segment_mask(q_segmentation, kv_segmentation)
 
 
 class _Positions(nn.Module):
@@ -95,9 +129,11 @@ class Encoder(nn.Module):
     embedder: Embedder
 
     @nn.compact
-    def __call__(self, tokens, *, train: bool = False, positions=None):
+    def __call__(self, tokens, *, train: bool = False, positions=None, segmentation=None):
         cfg = self.config
-        mask = padding_mask(tokens, pad_id=cfg.pad_id)  # [B, 1, S, S]
+        mask = combine_masks(
+            padding_mask(tokens, pad_id=cfg.pad_id), _same_segment(segmentation, segmentation)
+        )  # [B, 1, S, S]
         x = _Positions(cfg, name="positions")(self.embedder(tokens), positions)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
         rotary = _rotary(cfg, tokens, positions)
@@ -120,18 +156,31 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, decoder_inputs, encoded=None, source_tokens=None, *, train=False, positions=None
+        self,
+        decoder_inputs,
+        encoded=None,
+        source_tokens=None,
+        *,
+        train=False,
+        positions=None,
+        segmentation=None,
+        source_segmentation=None,
     ):
         cfg = self.config
         T = decoder_inputs.shape[-1]
-        valid = _valid(decoder_inputs, cfg, positions)  # [B, T]
+        valid = _valid(decoder_inputs, cfg, positions, segmentation)  # [B, T]
         self_mask = combine_masks(
-            causal_mask(T), (valid[:, :, None] & valid[:, None, :])[:, None]
+            causal_mask(T),
+            (valid[:, :, None] & valid[:, None, :])[:, None],
+            _same_segment(segmentation, segmentation),
         )  # [B, 1, T, T]
         cross_mask = None
         if self.cross:
             src_valid = source_tokens != cfg.pad_id  # [B, S]
-            cross_mask = (valid[:, :, None] & src_valid[:, None, :])[:, None]  # [B, 1, T, S]
+            cross_mask = combine_masks(
+                (valid[:, :, None] & src_valid[:, None, :])[:, None],
+                _same_segment(segmentation, source_segmentation),
+            )  # [B, 1, T, S]
         y = _Positions(cfg, name="positions")(self.embedder(decoder_inputs), positions)
         y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
         rotary = _rotary(cfg, decoder_inputs, positions)
@@ -174,12 +223,23 @@ class Transformer(nn.Module):
         self.encoder = Encoder(cfg, src)
         self.decoder = Decoder(cfg, tgt)
 
-    def encode(self, inputs, *, train: bool = False, positions=None):
+    def encode(self, inputs, *, train: bool = False, positions=None, segmentation=None):
         """inputs [B, S] token ids -> encoded [B, S, D]."""
         inputs = check_tokens("inputs", inputs, self.config)
-        return self.encoder(inputs, train=train, positions=positions)
+        _check_packing("inputs", inputs, positions, segmentation)
+        return self.encoder(inputs, train=train, positions=positions, segmentation=segmentation)
 
-    def decode(self, encoded, inputs, decoder_inputs, *, train: bool = False, positions=None):
+    def decode(
+        self,
+        encoded,
+        inputs,
+        decoder_inputs,
+        *,
+        train: bool = False,
+        positions=None,
+        segmentation=None,
+        source_segmentation=None,
+    ):
         """encoded [B, S, D], inputs [B, S] (for the source padding), decoder_inputs [B, T]
         (already shifted) -> logits [B, T, V]."""
         cfg = self.config
@@ -195,13 +255,46 @@ class Transformer(nn.Module):
                 f"inputs {inputs.shape} and decoder_inputs {decoder_inputs.shape} need the "
                 "same batch size"
             )
-        return self.decoder(decoder_inputs, encoded, inputs, train=train, positions=positions)
+        _check_packing("decoder_inputs", decoder_inputs, positions, segmentation)
+        if (segmentation is None) != (source_segmentation is None):
+            raise ValueError("give both segmentation and source_segmentation, or neither")
+        return self.decoder(
+            decoder_inputs,
+            encoded,
+            inputs,
+            train=train,
+            positions=positions,
+            segmentation=segmentation,
+            source_segmentation=source_segmentation,
+        )
 
-    def __call__(self, inputs, targets, *, train: bool = False):
-        """inputs [B, S], targets [B, T] -> logits [B, T, V] predicting targets."""
-        targets = check_tokens("targets", targets, self.config, self.config.output_vocab_size)
-        encoded = self.encode(inputs, train=train)
-        return self.decode(encoded, inputs, shift_right(targets, self.config.pad_id), train=train)
+    def __call__(
+        self,
+        inputs,
+        targets,
+        *,
+        train: bool = False,
+        inputs_positions=None,
+        targets_positions=None,
+        inputs_segmentation=None,
+        targets_segmentation=None,
+    ):
+        """inputs [B, S], targets [B, T] -> logits [B, T, V] predicting targets. For packed
+        rows, pass the four position / segmentation arrays ([B, S] and [B, T])."""
+        cfg = self.config
+        targets = check_tokens("targets", targets, cfg, cfg.output_vocab_size)
+        encoded = self.encode(
+            inputs, train=train, positions=inputs_positions, segmentation=inputs_segmentation
+        )
+        return self.decode(
+            encoded,
+            inputs,
+            shift_right_packed(targets, targets_positions, cfg.pad_id),
+            train=train,
+            positions=targets_positions,
+            segmentation=targets_segmentation,
+            source_segmentation=inputs_segmentation,
+        )
 
 
 class TransformerLM(nn.Module):
@@ -217,6 +310,7 @@ class TransformerLM(nn.Module):
         self.embedder = Embedder(self.config, self.config.vocab_size, name="embedding")
         self.decoder = Decoder(self.config, self.embedder, cross=False)
 
-    def __call__(self, tokens, *, train: bool = False, positions=None):
+    def __call__(self, tokens, *, train: bool = False, positions=None, segmentation=None):
         tokens = check_tokens("tokens", tokens, self.config)
-        return self.decoder(tokens, train=train, positions=positions)
+        _check_packing("tokens", tokens, positions, segmentation)
+        return self.decoder(tokens, train=train, positions=positions, segmentation=segmentation)

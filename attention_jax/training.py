@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from attention_jax.losses import smoothed_cross_entropy_sums
-from attention_jax.model import TransformerLM, shift_right
+from attention_jax.model import TransformerLM, shift_right_packed
 from attention_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
 
 
@@ -60,13 +60,24 @@ class TrainState:
     rng: jax.Array  # base dropout key (raw uint32 key data); step t uses fold_in(rng, t)
 
 
+PACKING_KEYS = ("inputs_positions", "targets_positions", "inputs_segmentation",
+                "targets_segmentation")  # fmt: skip
+
+
 def _logits(model, params, batch, *, train: bool, rng=None):
+    """Logits of a batch: ``inputs``/``targets`` [B, S]/[B, T], plus the PACKING_KEYS when
+    several examples share a row."""
     rngs = None if rng is None else {"dropout": rng}
     variables = {"params": params}
+    packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
     if isinstance(model, TransformerLM):
-        return model.apply(variables, shift_right(batch["targets"], model.config.pad_id),
-                           train=train, rngs=rngs)  # fmt: skip
-    return model.apply(variables, batch["inputs"], batch["targets"], train=train, rngs=rngs)
+        positions = packing.get("targets_positions")
+        tokens = shift_right_packed(batch["targets"], positions, model.config.pad_id)
+        return model.apply(variables, tokens, train=train, rngs=rngs, positions=positions,
+                           segmentation=packing.get("targets_segmentation"))  # fmt: skip
+    return model.apply(
+        variables, batch["inputs"], batch["targets"], train=train, rngs=rngs, **packing
+    )
 
 
 def _sums(model, params, batch, *, train, rng, label_smoothing):  # (loss, tokens, correct)
