@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The default experiment (built-in reversal task) on CPU; rerunning resumes from WORKDIR.
+# The default experiment (built-in translation corpus) on CPU; rerunning resumes from WORKDIR.
 train: $(STAMP)
 	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(WORKDIR)
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state (params, optimizer state, step, RNG) and metadata.
+"""Orbax checkpoints of the train state (params, optimizer state, step, RNG), metadata (the
+model's shape, the vocabulary's fingerprint) and the data iterator's state (grain's).
 
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when
 complete), so an interrupted save never becomes the latest checkpoint.
@@ -17,39 +18,48 @@ class Checkpointer:
     """`CheckpointManager` over ``<workdir>/checkpoints``: keep the last `keep`, save every
     `every` steps (and whenever `force` is passed)."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000):
+    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000, data_state: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        if data_state:  # grain writes one small JSON file per process
+            import grain
+
+            handlers["data"] = grain.checkpoint.CheckpointHandler()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, save_interval_steps=every, create=True
             ),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers=handlers,
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=force,
-        )
+    def save(
+        self, step: int, state, meta: dict, *, force: bool = False, data_iterator=None
+    ) -> bool:
+        """Saves (asynchronously) if `step` is due or `force`; with `data_iterator`, its
+        state too, so a resumed run continues the exact data stream."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            import grain
 
-    def restore(self, step: int, abstract_state):
-        """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state, *, data_iterator=None):
+        """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (and
+        the data iterator's position into `data_iterator`, in place)."""
+        items = {
+            "state": ocp.args.StandardRestore(abstract_state),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored["meta"]
 
     def restore_on_one_device(self, step: int, device=None) -> dict:

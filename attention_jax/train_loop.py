@@ -8,6 +8,7 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -16,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from attention_jax import flops, sharding, training
+from attention_jax import flops, metrics, sharding, training
 from attention_jax.checkpoint import Checkpointer
 from attention_jax.config import TransformerConfig
-from attention_jax.data.synthetic import reversal_batch
+from attention_jax.data import tasks
+from attention_jax.decoding import greedy_decode
 from attention_jax.model import Transformer
 from attention_jax.reporting import MetricsWriter, Progress
 
@@ -53,25 +56,6 @@ def _model_signature(cfg: TransformerConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def _batch(config, index: int, split: str = "train") -> dict:
-    data = config.data
-    if data.dataset != "reversal":
-        raise ValueError(
-            f"config.data.dataset={data.dataset!r}: only 'reversal' is built in so far"
-        )
-    return reversal_batch(
-        index,
-        batch_size=config.batch_size,
-        vocab_size=config.model.vocab_size,
-        min_len=data.min_len,
-        max_len=data.max_len,
-        seed=config.seed,
-        split=split,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
 def _check_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # one per process
@@ -83,17 +67,39 @@ def _check_workdir(workdir: str) -> None:
         raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
 
 
-def evaluate(eval_fn, params, config, mesh, split: str = "validation") -> dict:
-    totals = None
-    for i in range(config.eval_batches):
-        sums = eval_fn(params, sharding.shard_batch(_batch(config, i, split), mesh))
+def _local_rows(batch: dict) -> dict:
+    """This process's rows of a global batch (each process feeds its share to shard_batch)."""
+    i, n = jax.process_index(), jax.process_count()
+    return {k: v[i * len(v) // n : (i + 1) * len(v) // n] for k, v in batch.items()}
+
+
+def evaluate(eval_fn, decode_fn, params, task, mesh, split: str = "validation") -> dict:
+    """Teacher-forced loss / accuracy / exact match over the split's evaluation batches and,
+    for tasks with text, sacreBLEU and chrF of greedy translations."""
+    data = task.eval_data(split)
+    totals, hypotheses = None, []
+    for batch in data.batches:
+        valid = batch.get("valid")
+        arrays = {k: v for k, v in batch.items() if k != "valid"}
+        global_batch = sharding.shard_batch(_local_rows(arrays), mesh)
+        sums = eval_fn(params, global_batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if data.references is not None:
+            ids = multihost_utils.process_allgather(
+                decode_fn(params, global_batch["inputs"]), tiled=True
+            )
+            rows = np.asarray(ids)[valid] if valid is not None else np.asarray(ids)
+            hypotheses += [task.tokenizer.decode(row) for row in rows]
     totals = jax.device_get(totals)
-    return {
+    out = {
         "loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0)),
         "accuracy": float(totals["correct"] / max(totals["tokens"], 1.0)),
         "exact_match": float(totals["exact"] / max(totals["sequences"], 1.0)),
     }
+    if data.references is not None:
+        out["bleu"], _ = metrics.bleu(hypotheses, data.references)
+        out["chrf"], _ = metrics.chrf(hypotheses, data.references)
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -110,24 +116,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     mesh = sharding.make_mesh(**config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    state, shardings = training.create_train_state(
-        model, optimizer, _batch(config, 0), jax.random.key(config.seed), mesh, rules
-    )
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
-    meta = {"model": _model_signature(cfg)}
+    with_data_state = config.data.dataset != "reversal"
+    ckpt = Checkpointer(
+        workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
+        data_state=with_data_state,
+    )  # fmt: skip
     start = ckpt.latest_step() or 0
+    saved = ckpt.read_meta(start) if start else {}
+    if saved.get("vocab_fingerprint") and not os.path.exists(
+        os.path.join(workdir, tasks.VOCAB_FILE)
+    ):
+        raise FileNotFoundError(
+            f"workdir {workdir!r} holds checkpoints trained with the vocabulary "
+            f"{saved['vocab_fingerprint']}, but its {tasks.VOCAB_FILE} is missing; put it "
+            "back or use a new --workdir"
+        )
+    task = tasks.make_task(config, workdir, data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
+    state, shardings = training.create_train_state(
+        model, optimizer, task.example_batch(), jax.random.key(config.seed), mesh, rules
+    )
+    meta = {"model": _model_signature(cfg), **task.meta()}
     if start:
-        saved = ckpt.read_meta(start)
         if saved.get("model") != json.loads(json.dumps(meta["model"])):
             raise ValueError(
                 f"workdir {workdir!r} holds a checkpoint of a different model:\n"
                 f"  checkpoint: {saved.get('model')}\n  config:     {meta['model']}\n"
                 "use a new --workdir, or the config that wrote it"
             )
+        if saved.get("vocab_fingerprint") != meta.get("vocab_fingerprint"):
+            raise ValueError(
+                f"workdir {workdir!r}: the checkpoint was trained with vocabulary "
+                f"{saved.get('vocab_fingerprint')} but {tasks.VOCAB_FILE} there is "
+                f"{meta.get('vocab_fingerprint')}; use the vocabulary it was trained with"
+            )
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
-        state, _ = ckpt.restore(start, abstract)
+        state, _ = ckpt.restore(start, abstract, data_iterator=task_iterator(task))
         if jax.process_index() == 0:
             print(f"resumed from step {start} ({ckpt.directory})", flush=True)
     log = MetricsWriter(workdir, start)
@@ -137,6 +162,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
     )  # fmt: skip
     eval_fn = training.jit_eval_step(model, shardings.params, mesh)
+    max_decode = config.data.get("max_length", 0)
+    decode_fn = jax.jit(
+        functools.partial(greedy_decode, model, max_length=max_decode)
+    ) if max_decode else None  # fmt: skip
     peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
     total = config.num_train_steps
     # Throughput over each logging interval (the first one includes compilation); the host
@@ -144,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mark_step, mark_time, step = start, time.perf_counter(), start
     interval_tokens = interval_flops = 0.0  # counted on the host from the numpy batches
     for step in range(start, total):
-        batch = _batch(config, step)
+        batch = task.next_batch(step)
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
         tokens, step_flops = _count(cfg, batch)
         interval_tokens += tokens * jax.process_count()
@@ -166,14 +195,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             interval_tokens = interval_flops = 0.0
         if done % config.eval_every == 0 or last:
             eval_start = time.perf_counter()
-            ev = evaluate(eval_fn, state.params, config, mesh)
+            ev = evaluate(eval_fn, decode_fn, state.params, task, mesh)
             log.write(done, {f"eval_{k}": v for k, v in ev.items()})
             progress.print(f"step {done}: validation {_fmt(ev)}")
             mark_time += time.perf_counter() - eval_start  # evaluation is not training time
-        ckpt.save(done, state, meta, force=last)
+        ckpt.save(done, state, meta, force=last, data_iterator=task_iterator(task))
     progress.close()
     ckpt.close()
-    final = evaluate(eval_fn, state.params, config, mesh, split="test")
+    final = evaluate(eval_fn, decode_fn, state.params, task, mesh, split="test")
     log.write(max(start, total), {f"test_{k}": v for k, v in final.items()})
     log.close()
     if jax.process_index() == 0:
@@ -187,8 +216,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return final
 
 
-def _fmt(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+def _fmt(scores: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+
+
+def task_iterator(task):
+    """The data iterator whose state goes into checkpoints (None: batches are a function of
+    the step)."""
+    return task.iterator if task.has_state else None
 
 
 def _count(cfg: TransformerConfig, batch: dict) -> tuple[int, float]:

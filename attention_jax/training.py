@@ -159,13 +159,15 @@ def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float =
     loss, tokens, correct = smoothed_cross_entropy_sums(
         logits, targets, label_smoothing=label_smoothing, pad_id=model.config.pad_id
     )
-    right = (jnp.argmax(logits, -1) == targets) | (targets == model.config.pad_id)  # [B, T]
+    pad = model.config.pad_id
+    right = (jnp.argmax(logits, -1) == targets) | (targets == pad)  # [B, T]
+    real = jnp.any(targets != pad, axis=-1)  # [B]: all-pad rows fill the last eval batch
     return {
         "loss_sum": loss,
         "tokens": tokens,
         "correct": correct,
-        "sequences": jnp.float32(targets.shape[0]),
-        "exact": jnp.sum(jnp.all(right, axis=-1).astype(jnp.float32)),
+        "sequences": jnp.sum(real.astype(jnp.float32)),
+        "exact": jnp.sum((jnp.all(right, axis=-1) & real).astype(jnp.float32)),
     }
 
 

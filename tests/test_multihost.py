@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     command = [
         sys.executable, str(ROOT / "experiments" / "train.py"),
-        f"--config={ROOT / 'experiments' / 'configs' / 'default.py'}", f"--workdir={workdir}",
+        f"--config={ROOT / 'experiments' / 'configs' / 'reversal.py'}", f"--workdir={workdir}",
         f"--coordinator_address={address}", "--num_processes=2", *OVERRIDES,
     ]  # fmt: skip
     procs = [

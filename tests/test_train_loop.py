@@ -1,4 +1,4 @@
-"""End-to-end training runs: the default experiment in miniature, exact resume, bad input."""
+"""End-to-end training runs on the reversal task: resume, bad input, configs."""
 
 import importlib.util
 import json
@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _default_config():
     spec = importlib.util.spec_from_file_location(
-        "default_config", ROOT / "experiments" / "configs" / "default.py"
+        "reversal_config", ROOT / "experiments" / "configs" / "reversal.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -93,7 +93,7 @@ def test_checkpoint_of_a_different_model_is_refused_and_kept(tmp_path):
         (lambda c: c.model.update(dtype="float8"), ValueError, "dtype must be one of"),
         (lambda c: c.update(batch_size=6), ValueError, "not divisible by the data-parallel"),
         (lambda c: c.mesh.update(data=8, model=2), ValueError, "needs 16 devices, but 8"),
-        (lambda c: c.data.update(dataset="wmt"), ValueError, "only 'reversal' is built in"),
+        (lambda c: c.data.update(min_len=5, max_len=3), ValueError, "1 <= min_len <= max_len"),
     ],
 )
 def test_bad_configs(tmp_path, change, err, match):

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
             num_layers=6,
             d_ff=2048,
             dropout_rate=0.1,  # P_drop (section 5.4)
-            max_len=256,  # longest tokenized sentence kept (longer pairs are filtered out)
+            max_len=256,  # longest sequence the model accepts (>= data.max_length)
             dtype="bfloat16",  # compute dtype on GPU/TPU; parameters stay float32
         )
     )
@@ -35,9 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
             direction="en-de",  # source-target: English -> German as in the paper
             data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS default
             tokens_per_batch=25000,  # per side: ~25k source + ~25k target tokens (sec. 5.1)
+            max_length=256,  # tokens per side of a packed row; longer pairs are skipped
+            eval_examples=0,  # 0 = the whole split (newstest2013 / newstest2014)
+            eval_batch_size=256,  # rows per evaluation batch
+            vocab_path="",  # "" = the one prepare_data.py stored, else train one
+            vocab_sentences=2_000_000,  # sentences sampled to train the vocabulary
+            reader_threads=4,  # tokenizing threads per host
+            prefetch=2,  # batches prepared ahead
         )
     )
-    config.batch_size = 0  # 0: batches are formed by tokens_per_batch instead of a count
+    config.batch_size = 0  # 0: rows from data.tokens_per_batch / data.max_length
     config.num_train_steps = 100_000  # 12 hours on 8 P100s in the paper
     config.warmup_steps = 4000
     config.lr_factor = 1.0  # the paper's formula unscaled
@@ -46,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.accum_steps = 1  # raise it to reach 25k tokens/step on fewer devices
     config.log_every = 100
     config.eval_every = 2000
-    config.eval_batches = 20
+    config.eval_batches = 0  # (reversal task only)
     config.checkpoint_every = 2000
     config.keep_checkpoints = 5  # the paper averages the last 5 checkpoints of the base model
     config.peak_flops_per_device = 0.0  # 0: look the device up (attention_jax.flops)

@@ -1,0 +1,220 @@
+"""What a training run learns from: a task gives the batches of each step, the evaluation
+splits and (for translation) the vocabulary.
+
+- `ReversalTask`: the synthetic sequence-reversal task; batch t is a pure function of
+  (seed, t), so it has no iterator state.
+- `TranslationTask`: a parallel corpus (the built-in one, WMT14 or a prepared local corpus),
+  SentencePiece vocabulary in the workdir, grain's packed pipeline; its iterator state is
+  saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from attention_jax.data import pipeline
+from attention_jax.data.synthetic import reversal_batch
+
+BUILTIN = "toy_translation"
+VOCAB_FILE = "vocab.model"
+
+
+def _data_dir(config) -> str:
+    """config.data.data_dir, else TFDS's default (``$TFDS_DATA_DIR`` or ~/tensorflow_datasets)."""
+    given = config.data.get("data_dir")
+    return given or os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+@dataclasses.dataclass
+class EvalData:
+    """An evaluation split: global batches, and the raw strings for BLEU (None: no text)."""
+
+    batches: list
+    sources: list[str] | None = None
+    references: list[str] | None = None
+
+
+class ReversalTask:
+    """The built-in sequence-reversal task (no files, no vocabulary)."""
+
+    tokenizer = None
+    has_state = False
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.vocab_size = config.model.vocab_size
+
+    def _batch(self, index: int, split: str = "train") -> dict:
+        c = self.config
+        return reversal_batch(
+            index,
+            batch_size=c.batch_size,
+            vocab_size=c.model.vocab_size,
+            min_len=c.data.min_len,
+            max_len=c.data.max_len,
+            seed=c.seed,
+            split=split,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def example_batch(self) -> dict:
+        return self._batch(0)
+
+    def next_batch(self, step: int) -> dict:
+        return self._batch(step)
+
+    def eval_data(self, split: str) -> EvalData:
+        return EvalData([self._batch(i, split) for i in range(self.config.eval_batches)])
+
+    def meta(self) -> dict:
+        return {"dataset": "reversal"}
+
+
+def _load_source(config, split: str):
+    """A random-access source of ``{'source', 'target'}`` strings for one split."""
+    data = config.data
+    name = data.dataset
+    if name == BUILTIN:
+        from attention_jax.data import toy_translation
+
+        pairs = toy_translation.load_split(
+            split, seed=data.get("corpus_seed", 0), sizes=tuple(data.corpus_sizes)
+        )
+        return [{"source": s, "target": t} for s, t in pairs]
+    from attention_jax.data import sources  # imports TFDS: only for datasets on disk
+
+    if name.startswith("wmt"):
+        keys = sources.wmt14_keys(data.get("direction", "en-de"))
+        return sources.load_source(
+            name, split, data_dir=_data_dir(config), source_key=keys[0], target_key=keys[1]
+        )
+    return sources.load_source(name, split, data_dir=_data_dir(config))
+
+
+class TranslationTask:
+    """A parallel corpus through the SentencePiece vocabulary and grain's packed pipeline."""
+
+    has_state = True
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):
+        self.config = config
+        data = config.data
+        self.max_length = data.max_length
+        self.train_source = _load_source(config, "train")
+        self.tokenizer = load_or_train_vocabulary(config, workdir, self.train_source)
+        self.vocab_size = self.tokenizer.vocab_size
+        if config.batch_size:  # a fixed number of rows (global)
+            if config.batch_size % (data_parallel * jax.process_count()):
+                raise ValueError(
+                    f"batch_size {config.batch_size} is not divisible by the data-parallel "
+                    f"size {data_parallel} × {jax.process_count()} processes"
+                )
+            rows = config.batch_size // jax.process_count()
+        else:  # the paper's way: a token budget per side
+            rows = pipeline.tokens_per_batch_to_batch_size(
+                data.tokens_per_batch,
+                data.max_length,
+                process_count=jax.process_count(),
+                data_parallel=data_parallel,
+            )
+        self.rows = rows  # per process
+        self.data_parallel = data_parallel
+        dataset = pipeline.train_dataset(
+            self.train_source,
+            self.tokenizer,
+            seed=config.seed,
+            batch_size=rows,
+            max_length=data.max_length,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_threads=data.get("reader_threads", 0),
+            prefetch=data.get("prefetch", 0),
+        )
+        self.iterator = iter(dataset)
+        self._eval = {}
+
+    def example_batch(self) -> dict:
+        shape = (self.rows, self.max_length)
+        return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+
+    def next_batch(self, step: int) -> dict:
+        del step  # the iterator's state says where the stream is
+        return next(self.iterator)
+
+    def eval_data(self, split: str) -> EvalData:
+        """The split's first ``config.data.eval_examples`` pairs (all when 0), as global
+        batches of ``config.data.eval_batch_size`` rows. Every process builds the whole
+        split and feeds its rows of each batch, so every process can score all of it."""
+        if split not in self._eval:
+            data = self.config.data
+            unit = self.data_parallel * jax.process_count()
+            size = -(-data.eval_batch_size // unit) * unit  # a multiple of the devices
+            ev = pipeline.eval_batches(
+                _load_source(self.config, split),
+                self.tokenizer,
+                batch_size=size,
+                max_length=self.max_length,
+                limit=data.eval_examples or None,
+            )
+            self._eval[split] = EvalData(ev.batches, ev.sources, ev.references)
+        return self._eval[split]
+
+    def meta(self) -> dict:
+        return {
+            "dataset": self.config.data.dataset,
+            "vocab_fingerprint": self.tokenizer.fingerprint,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def load_or_train_vocabulary(config, workdir: str, train_source):
+    """The workdir's vocabulary (``<workdir>/vocab.model``), created on the first run: copied
+    from ``config.data.vocab_path`` or from the one prepare_data.py stored for the dataset,
+    else trained on the training split. Resuming and evaluation reuse the workdir's copy."""
+    from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
+
+    path = os.path.join(workdir, VOCAB_FILE)
+    size = config.model.vocab_size
+    if jax.process_index() == 0 and not os.path.exists(path):  # process 0 makes it
+        given = config.data.get("vocab_path") or ""
+        prepared = default_vocab_path(_data_dir(config), config.data.dataset, size)
+        if given:
+            tokenizer = Tokenizer.load(given)
+        elif os.path.exists(prepared):
+            tokenizer = Tokenizer.load(prepared)
+        else:
+            limit = config.data.get("vocab_sentences", 2_000_000)
+            n = min(len(train_source), max(limit // 2, 1))
+            examples = (train_source[i] for i in range(n))
+            sentences = (text for ex in examples for text in (ex["source"], ex["target"]))
+            print(f"training a {size}-piece SentencePiece vocabulary on {n} pairs", flush=True)
+            tokenizer = Tokenizer.train(sentences, size)
+        tokenizer.save(path)
+    _sync("vocabulary")  # the others wait for it
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size != size:
+        raise ValueError(
+            f"the vocabulary {path} has {tokenizer.vocab_size} pieces but config.model."
+            f"vocab_size is {size}; use a new --workdir or set vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):
+    """The task named by ``config.data.dataset``."""
+    if config.data.dataset == "reversal":
+        return ReversalTask(config)
+    return TranslationTask(config, workdir, data_parallel=data_parallel)

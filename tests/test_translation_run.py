@@ -1,0 +1,85 @@
+"""Training on a translation corpus end to end: vocabulary in the workdir, packed grain
+batches, BLEU, exact resume of the data stream, and the workdir's consistency checks."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from test_train_loop import _final_params, _losses
+
+from attention_jax import train_loop
+from attention_jax.data.sources import DatasetNotPreparedError
+from attention_jax.data.tokenizer import Tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _config(steps, **overrides):
+    spec = importlib.util.spec_from_file_location(
+        "default_config", ROOT / "experiments" / "configs" / "default.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.update(vocab_size=300, d_model=32, num_heads=4, d_ff=64)
+    config.data.update(
+        corpus_sizes=(2000, 64, 64), tokens_per_batch=640, eval_examples=32, eval_batch_size=16
+    )
+    config.update(num_train_steps=steps, log_every=1, eval_every=1000, checkpoint_every=3)
+    config.update(overrides)
+    return config
+
+
+def test_translation_run_writes_vocab_and_scores_bleu(tmp_path):
+    final = train_loop.train_and_evaluate(_config(4), str(tmp_path))
+    assert {"loss", "accuracy", "exact_match", "bleu", "chrf"} <= set(final)
+    assert 0 <= final["bleu"] <= 100 and np.isfinite(final["loss"])
+    tokenizer = Tokenizer.load(tmp_path / "vocab.model")
+    assert tokenizer.vocab_size == 300
+    meta = json.loads(next((tmp_path / "checkpoints" / "4" / "meta").glob("*")).read_text())
+    assert meta["vocab_fingerprint"] == tokenizer.fingerprint
+    assert list((tmp_path / "checkpoints" / "4" / "data").iterdir())  # grain's state
+
+
+def test_resume_continues_the_exact_data_stream(tmp_path):
+    """6 steps straight == 3 steps, stop, restart to 6: the grain iterator's state in the
+    checkpoint makes the restarted run read exactly the batches the straight run read."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_loop.train_and_evaluate(_config(6), straight)
+    train_loop.train_and_evaluate(_config(3), resumed)
+    train_loop.train_and_evaluate(_config(6), resumed)
+    assert _losses(resumed) == _losses(straight)
+    a, b = _final_params(straight, 6), _final_params(resumed, 6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_different_vocabulary_in_the_workdir_is_refused(tmp_path):
+    train_loop.train_and_evaluate(_config(3), str(tmp_path))
+    other = Tokenizer.train(
+        (f"word{i} other{i % 7}" for i in range(3000)), 300
+    )  # a vocabulary of other text
+    other.save(tmp_path / "vocab.model")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="trained with vocabulary"):
+        train_loop.train_and_evaluate(_config(6), str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert Tokenizer.load(tmp_path / "vocab.model") == other  # not overwritten
+
+
+def test_a_missing_vocabulary_is_reported_not_retrained(tmp_path):
+    train_loop.train_and_evaluate(_config(3), str(tmp_path))
+    (tmp_path / "vocab.model").unlink()
+    with pytest.raises(FileNotFoundError, match=r"vocab\.model is missing"):
+        train_loop.train_and_evaluate(_config(6), str(tmp_path))
+    assert not (tmp_path / "vocab.model").exists()
+
+
+def test_an_unprepared_dataset_names_the_command(tmp_path):
+    config = _config(2)
+    config.data.update(dataset="my_corpus", data_dir=str(tmp_path / "data"))
+    with pytest.raises(DatasetNotPreparedError, match=r"prepare_data\.py --dataset=my_corpus"):
+        train_loop.train_and_evaluate(config, str(tmp_path / "work"))
