@@ -171,28 +171,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Throughput over each logging interval (the first one includes compilation); the host
     # reads metrics only at these steps.
     mark_step, mark_time, step = start, time.perf_counter(), start
-    interval_tokens = interval_flops = 0.0  # counted on the host from the numpy batches
+    interval_tokens = interval_flops = interval_slots = 0.0  # counted on the host
     for step in range(start, total):
         batch = task.next_batch(step)
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
         tokens, step_flops = _count(cfg, batch)
         interval_tokens += tokens * jax.process_count()
         interval_flops += step_flops * jax.process_count()
+        interval_slots += batch["targets"].size * jax.process_count()
         done = step + 1
         last = done == total
         if done % config.log_every == 0 or last:
             m = jax.device_get(metrics)
             seconds = max(time.perf_counter() - mark_time, 1e-9)
             steps_per_s = (done - mark_step) / seconds
-            record = {"train_loss": float(m["loss"]),
-                      "train_accuracy": float(m["accuracy"]),
-                      "tokens_per_s": interval_tokens / seconds}  # target tokens  # fmt: skip
+            record = {
+                "train_loss": float(m["loss"]),
+                "train_accuracy": float(m["accuracy"]),
+                "tokens_per_s": interval_tokens / seconds,  # target tokens
+                # target slots holding no token (padding, or the end of packed rows)
+                "target_padding": 1.0 - interval_tokens / max(interval_slots, 1.0),
+            }
             if peak:
                 record["mfu"] = interval_flops / seconds / (peak * mesh.size)
             log.write(done, record)
             progress.update(done, record, eta_s=(total - done) / steps_per_s)
             mark_step, mark_time = done, time.perf_counter()
-            interval_tokens = interval_flops = 0.0
+            interval_tokens = interval_flops = interval_slots = 0.0
         if done % config.eval_every == 0 or last:
             eval_start = time.perf_counter()
             ev = evaluate(eval_fn, decode_fn, state.params, task, mesh)

@@ -35,15 +35,16 @@ from attention_jax.data.tokenizer import (
 )
 
 TOY, LOCAL = "toy_translation", "local"
-DEFAULT_VOCAB_SIZES = {TOY: 1000, sources.WMT14: 37000, LOCAL: 8000}
+DEFAULT_VOCAB_SIZES = {TOY: 1000, sources.WMT14: 37000, sources.WMT17: 37000, LOCAL: 8000}
 STATS_PAIRS = 1000  # pairs tokenized for the tokens-per-sentence line of the summary
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     "dataset",
     None,
-    [TOY, sources.WMT14, LOCAL],
-    "toy_translation: the built-in corpus; wmt14_translate/de-en: WMT14 from statmt.org; "
+    [TOY, sources.WMT14, sources.WMT17, LOCAL],
+    "toy_translation: the built-in corpus; wmt14_translate/de-en (wmt17_translate/de-en): "
+    "WMT14 (WMT17) from statmt.org; "
     "local: your files (--name, --train, --validation, --test).",
 )
 flags.DEFINE_string("name", None, "--dataset=local: the dataset's name, lower_snake_case.")
@@ -114,7 +115,7 @@ def main(argv):
         elif dataset == TOY:
             name, fresh = TOY, _prepare_toy(data_dir)
         else:
-            name, fresh = sources.WMT14, _prepare_wmt14(data_dir)
+            name, fresh = dataset, _prepare_wmt(dataset, data_dir)
         print(f"dataset:    {_describe_dataset(name, data_dir)}", flush=True)
     except (ValueError, OSError) as e:  # bad files, names: one line, no traceback
         sys.exit(f"prepare_data.py: error: {e}")
@@ -142,8 +143,10 @@ def _vocabulary(dataset, name, data_dir, vocab_size, fresh):
             f"fingerprint {tokenizer.fingerprint}; --overwrite trains it again)"
         )
         return
-    if dataset == sources.WMT14:
-        train = sources.load_wmt14("train", data_dir=data_dir, direction=FLAGS.direction)
+    if dataset in sources.WMT_DATASETS:
+        train = sources.load_wmt14(
+            "train", data_dir=data_dir, direction=FLAGS.direction, name=dataset
+        )
     else:
         train = sources.load_source(name, "train", data_dir=data_dir)
     tokenizer = _train_vocabulary(train, vocab_size, FLAGS.vocab_sentences)
@@ -196,21 +199,21 @@ def _prepare_toy(data_dir):
     return True
 
 
-def _prepare_wmt14(data_dir):
-    """Downloads and prepares WMT14 unless it is prepared; True if it did."""
-    builder = tfds.builder(sources.WMT14, data_dir=data_dir)
+def _prepare_wmt(name, data_dir):
+    """Downloads and prepares WMT14 / WMT17 unless it is prepared; True if it did."""
+    builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         if not FLAGS.overwrite:
-            print(f"{sources.WMT14} is already prepared in {builder.data_dir}; reusing it")
+            print(f"{name} is already prepared in {builder.data_dir}; reusing it")
             return False
         print(f"--overwrite: removing {builder.data_dir} (downloads are kept)", flush=True)
         shutil.rmtree(builder.data_dir)
     print(
-        f"preparing {sources.WMT14}: downloads ~1.7 GB from statmt.org into "
+        f"preparing {name}: downloads several GB from statmt.org into "
         f"{os.path.join(data_dir, 'downloads')}, then writes array_record files ...",
         flush=True,
     )
-    sources.prepare_wmt14(data_dir)
+    sources.prepare_wmt14(data_dir, name=name)
     return True
 
 

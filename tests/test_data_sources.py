@@ -331,3 +331,12 @@ def test_no_tensorflow_needed(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_wmt17_is_an_option_with_the_same_reader(tmp_path):
+    with pytest.raises(
+        sources.DatasetNotPreparedError, match=r"--dataset=wmt17_translate/de-en --data_dir="
+    ):
+        sources.load_wmt14("train", data_dir=tmp_path, name=sources.WMT17)
+    with pytest.raises(ValueError, match="WMT dataset must be one of"):
+        sources.load_wmt14("train", data_dir=tmp_path, name="wmt19_translate/de-en")

@@ -42,6 +42,9 @@ def test_translation_run_writes_vocab_and_scores_bleu(tmp_path):
     meta = json.loads(next((tmp_path / "checkpoints" / "4" / "meta").glob("*")).read_text())
     assert meta["vocab_fingerprint"] == tokenizer.fingerprint
     assert list((tmp_path / "checkpoints" / "4" / "data").iterdir())  # grain's state
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    padding = [r["target_padding"] for r in records if "target_padding" in r]
+    assert len(padding) == 4 and all(0 <= p < 0.3 for p in padding)  # packed rows are full
 
 
 def test_resume_continues_the_exact_data_stream(tmp_path):

@@ -8,11 +8,11 @@ batch on every process has the same fixed shape (which multi-host
       [process_index::process_count]   this process's share, taken BEFORE shuffling: the
                                        shares are disjoint and together cover every example
       shuffle(seed') . repeat()        a new order every epoch, forever
-      tokenize (threads)               inputs = encode(source) + [EOS], targets likewise
+      tokenize                         inputs = encode(source) + [EOS], targets likewise
       length filter                    drop pairs with a side longer than max_length
       first-fit packing                batch_size bins of max_length tokens per side
       batch(batch_size)                -> one batch of numpy int32 [B, max_length] arrays
-      thread prefetch
+      prefetch                         a thread, or worker processes (`train_dataset`)
 
 A batch has ``inputs``, ``targets`` (tokens, 0 = padding), ``inputs_positions``,
 ``targets_positions`` (position within its example, restarting at 0) and
@@ -26,8 +26,9 @@ Seeds: process p shuffles its share with ``shuffle_seed(seed, p)``, a hash of (s
 grain reshuffles epoch e with seed' + e, so seed' = seed + p would give process 1 the order
 process 0 uses one epoch later, and run seed 1 the order of run seed 0's next epoch; the hash
 keeps all of them independent. Each process's stream is a function of (source, tokenizer,
-seed, batch_size, max_length, process_index, process_count) alone: rerunning any process
-reproduces it exactly. Resuming on a different process count is a different stream.
+seed, batch_size, max_length, process_index, process_count, worker_count) alone: rerunning
+any process reproduces it exactly. A different process or worker count is a different
+stream (resume with the same ones).
 
 State: ``iter(train_dataset(...))`` is a grain ``DatasetIterator``; ``get_state()`` is a
 JSON-able dict and ``set_state(state)`` on a fresh iterator of the same pipeline continues

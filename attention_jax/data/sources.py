@@ -31,12 +31,15 @@ import tensorflow_datasets as tfds
 # imported; without this, tfds.builder('wmt14_translate/de-en') says "Dataset
 # wmt14_translate not found".
 import tensorflow_datasets.translate.wmt14
+import tensorflow_datasets.translate.wmt17
 from etils import epath
 from tensorflow_datasets.core.download import extractor as _tfds_extractor
 
 SOURCE, TARGET = "source", "target"
 LOCAL_CORPUS_VERSION = "1.0.0"
 WMT14 = "wmt14_translate/de-en"
+WMT17 = "wmt17_translate/de-en"  # newer training data (adds news commentary v12, rapid)
+WMT_DATASETS = (WMT14, WMT17)
 WMT14_LANGUAGES = ("de", "en")
 PREPARE_COMMAND = "python experiments/prepare_data.py --dataset={name} --data_dir={data_dir}"
 
@@ -352,21 +355,30 @@ def wmt14_keys(direction: str) -> tuple[str, str]:
     return parts
 
 
-def load_wmt14(split: str, *, data_dir: PathLike, direction: str = "en-de") -> ParallelTextSource:
+def load_wmt14(
+    split: str, *, data_dir: PathLike, direction: str = "en-de", name: str = WMT14
+) -> ParallelTextSource:
     """WMT14 English-German (TFDS ``wmt14_translate/de-en``: train = Europarl v7 +
     CommonCrawl + News Commentary v9, validation = newstest2013, test = newstest2014),
     translating ``direction``."""
     source_key, target_key = wmt14_keys(direction)
-    return load_source(
-        WMT14, split, data_dir=data_dir, source_key=source_key, target_key=target_key
-    )
+    _check_wmt(name)
+    return load_source(name, split, data_dir=data_dir, source_key=source_key, target_key=target_key)
 
 
-def prepare_wmt14(data_dir: PathLike, *, download_dir: PathLike | None = None) -> Path:
+def _check_wmt(name: str) -> None:
+    if name not in WMT_DATASETS:
+        raise ValueError(f"WMT dataset must be one of {WMT_DATASETS}, got {name!r}")
+
+
+def prepare_wmt14(
+    data_dir: PathLike, *, download_dir: PathLike | None = None, name: str = WMT14
+) -> Path:
     """Downloads WMT14 de-en from statmt.org (about 1.7 GB of archives) and writes it in
     array_record format under ``data_dir``; returns the dataset's directory. Downloads go
     to ``download_dir`` (default ``data_dir/downloads``) and are reused if present."""
-    builder = tfds.builder(WMT14, data_dir=os.fspath(data_dir))
+    _check_wmt(name)  # `name=WMT17` prepares wmt17_translate/de-en the same way
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
     download_dir = download_dir or os.path.join(os.fspath(data_dir), "downloads")
     with _tf_free_extraction():
         builder.download_and_prepare(
