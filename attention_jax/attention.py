@@ -593,16 +593,9 @@ def multi_head_attention(
     _check_mha_params(name, params, num_heads, inputs_q, inputs_kv)
     if dtype is None:
         dtype = jnp.result_type(inputs_q, inputs_kv, *jax.tree.leaves(params))
-    mm = functools.partial(jnp.einsum, precision=precision)
-
-    def project(nm, x):
-        p = params[nm]
-        y = mm("...TD,DNH->...TNH", x.astype(dtype), p["kernel"].astype(dtype))
-        return y + _lead_pad(p["bias"].astype(dtype), y.ndim) if "bias" in p else y
-
-    q = project("query", inputs_q)  # [..., T, N, H]
-    k = project("key", inputs_kv)  # [..., S, N, H]
-    v = project("value", inputs_kv)  # [..., S, N, H]
+    q = project_heads(params["query"], inputs_q, dtype=dtype, precision=precision)  # [...TNH]
+    k = project_heads(params["key"], inputs_kv, dtype=dtype, precision=precision)  # [...SNH]
+    v = project_heads(params["value"], inputs_kv, dtype=dtype, precision=precision)  # [...SNH]
     if (query_positions is None) != (key_positions is None):
         raise ValueError(f"{name}: give both query_positions and key_positions, or neither")
     if query_positions is not None:
@@ -614,11 +607,24 @@ def multi_head_attention(
         implementation=implementation, return_weights=return_weights,
     )  # fmt: skip
     heads, weights = result if return_weights else (result, None)
-    p = params["out"]
-    out = mm("...TNH,NHD->...TD", heads, p["kernel"].astype(dtype))  # [..., T, Dout]
-    if "bias" in p:
-        out = out + _lead_pad(p["bias"].astype(dtype), out.ndim)
+    out = merge_heads(params["out"], heads, dtype=dtype, precision=precision)  # [..., T, Dout]
     return (out, weights) if return_weights else out
+
+
+def project_heads(params: dict, x, *, dtype, precision=None):
+    """One input projection of multi-head attention: ``x [..., T, D] -> [..., T, N, H]``
+    with ``params = {'kernel': [D, N, H], 'bias': [N, H]}`` (the bias is optional)."""
+    y = jnp.einsum("...TD,DNH->...TNH", x.astype(dtype), params["kernel"].astype(dtype),
+                   precision=precision)  # fmt: skip
+    return y + _lead_pad(params["bias"].astype(dtype), y.ndim) if "bias" in params else y
+
+
+def merge_heads(params: dict, heads, *, dtype, precision=None):
+    """The output projection W_O: ``heads [..., T, N, H] -> [..., T, Dout]`` with
+    ``params = {'kernel': [N, H, Dout], 'bias': [Dout]}`` (the bias is optional)."""
+    out = jnp.einsum("...TNH,NHD->...TD", heads.astype(dtype), params["kernel"].astype(dtype),
+                     precision=precision)  # fmt: skip
+    return out + _lead_pad(params["bias"].astype(dtype), out.ndim) if "bias" in params else out
 
 
 # --------------------------------------------------------------------------------------

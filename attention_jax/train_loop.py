@@ -215,7 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(
             f"final test metrics: {_fmt(final)}\ncheckpoints: {ckpt.directory}\n"
             f"metrics: {os.path.join(workdir, 'metrics.jsonl')} "
-            f"(tensorboard --logdir {workdir})",
+            f"(tensorboard --logdir {workdir})"
+            + (
+                f"\nvocabulary: {os.path.join(workdir, tasks.VOCAB_FILE)}" if task.tokenizer else ""
+            ),
             flush=True,
         )
     return final

@@ -62,14 +62,16 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="sentences per step (global)")
     parser.add_argument("--length", type=int, default=64, help="tokens per sentence (S = T)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--dropout", type=float, default=None, help="override P_drop")
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak_n", type=int, default=2048, help="matmul size for the peak")
     args = parser.parse_args()
 
     dtype = DTYPES[args.dtype]
+    overrides = {} if args.dropout is None else {"dropout_rate": args.dropout}
     cfg = getattr(TransformerConfig, args.preset)(
-        vocab_size=args.vocab, dtype=dtype, max_len=max(args.length, 64)
+        vocab_size=args.vocab, dtype=dtype, max_len=max(args.length, 64), **overrides
     )
     model = Transformer(cfg)
     optimizer = training.make_optimizer(cfg.d_model, warmup_steps=4000)
@@ -102,6 +104,7 @@ def main():
         f"{args.preset} ({n_params / 1e6:.1f}M params, V={args.vocab}), batch {args.batch} × "
         f"{args.length} tokens, {args.dtype}; {len(jax.devices())} × {device.device_kind} "
         f"({platform.machine()}, {os.cpu_count()} CPUs); jax {jax.__version__}; "
+        f"P_drop {cfg.dropout_rate}, PRNG {jax.config.jax_default_prng_impl}; "
         f"median of {len(times)} steps, final loss {loss:.3f}\n"
     )
     rows = [

@@ -135,6 +135,7 @@ class TranslationTask:
             process_count=jax.process_count(),
             num_threads=data.get("reader_threads", 0),
             prefetch=data.get("prefetch", 0),
+            worker_count=data.get("workers", 0),
         )
         self.iterator = iter(dataset)
         self._eval = {}
