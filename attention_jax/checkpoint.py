@@ -18,7 +18,7 @@ class Checkpointer:
     """`CheckpointManager` over ``<workdir>/checkpoints``: keep the last `keep`, save every
     `every` steps (and whenever `force` is passed)."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000, data_state: bool = False):
+    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000, data_state: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         if data_state:  # grain writes one small JSON file per process

@@ -1,7 +1,9 @@
-"""Decoding a trained Transformer: greedy search under `jit`.
+"""Decoding trained models with the KV cache: greedy and beam search for the encoder-decoder,
+sampling for the LM. The search algorithms themselves are model-free (attention_jax.search);
+this module gives them a one-token step function over the model's cache.
 
-Greedy decoding recomputes the decoder over the prefix at each step (no KV cache yet), which
-is fine for the short sentences of the built-in corpus.
+Paper settings (section 6.1): beam 4, length penalty alpha 0.6, maximum output length =
+input length + 50.
 """
 
 from __future__ import annotations
@@ -11,32 +13,111 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attention_jax.model import Transformer, shift_right
+from attention_jax import search
+from attention_jax.model import Transformer, TransformerLM
+
+EOS = 1
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "eos_id"))
-def greedy_decode(model: Transformer, params, inputs, *, max_length: int, eos_id: int = 1):
-    """inputs [B, S] -> output ids [B, max_length]: argmax at every step, then padding after
-    each row's first EOS (kept). Stops early once every row has emitted EOS."""
-    pad = model.config.pad_id
+def init_cache(model: Transformer, params, inputs, max_length: int) -> dict:
+    """Encodes `inputs` [B, S] and creates the decoder's cache for `max_length` steps: the
+    search's cache pytree ``{'model': flax cache, 'inputs': inputs}`` (every leaf leads
+    with B; the source tokens travel with it, as beam search reorders rows)."""
     variables = {"params": params}
     encoded = model.apply(variables, inputs, method="encode")  # [B, S, D]
+    blank = jnp.zeros((inputs.shape[0], max_length), jnp.int32)  # shapes the cache
+    _, created = model.apply(
+        variables, encoded, inputs, blank, decode=True, method="decode", mutable=["cache"]
+    )
+    return {"model": created["cache"], "inputs": inputs}
+
+
+def step_fn(model: Transformer | TransformerLM, params):
+    """``tokens_to_logits(tokens [N], cache, step) -> (logits [N, V], cache)``: one decoder
+    position through the KV cache; the pad id's logit is -inf."""
+
+    def tokens_to_logits(tokens, cache, step):
+        positions = jnp.full((tokens.shape[0], 1), step, jnp.int32)  # [N, 1]
+        variables = {"params": params, "cache": cache["model"]}
+        if isinstance(model, TransformerLM):
+            logits, new = model.apply(
+                variables, tokens[:, None], positions=positions, decode=True, mutable=["cache"]
+            )
+        else:
+            logits, new = model.apply(
+                variables, None, cache["inputs"], tokens[:, None], decode=True,
+                positions=positions, method="decode", mutable=["cache"],
+            )  # fmt: skip
+        # Padding is not a word: never generate it (a generated pad would be read as padding
+        # by the full-sequence model but not by the cache, and would end nothing).
+        logits = logits[:, 0].at[:, model.config.pad_id].set(-jnp.inf)  # [N, V]
+        return logits, {**cache, "model": new["cache"]}
+
+    return tokens_to_logits
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_length", "beam_size", "alpha", "extra_length")
+)
+def translate(
+    model: Transformer,
+    params,
+    inputs,
+    *,
+    max_length: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    extra_length: int = 50,
+):
+    """inputs [B, S] (right-padded) -> output ids [B, max_length], cut after EOS.
+
+    Beam search with the GNMT length penalty (``beam_size=1`` is greedy); each row stops at
+    its source length + `extra_length` tokens, and every row at `max_length`.
+    """
+    pad = model.config.pad_id
     B = inputs.shape[0]
+    lengths = jnp.minimum(jnp.sum(inputs != pad, axis=-1) + extra_length, max_length)  # [B]
+    cache = init_cache(model, params, inputs, max_length)
+    tokens_to_logits = step_fn(model, params)
+    if beam_size == 1:
+        return search.greedy_search(
+            tokens_to_logits, cache, batch_size=B, max_length=max_length, lengths=lengths,
+            eos_id=EOS, pad_id=pad,
+        )  # fmt: skip
+    sequences, _ = search.beam_search(
+        tokens_to_logits, cache, batch_size=B, beam_size=beam_size, alpha=alpha,
+        max_length=max_length, lengths=lengths, eos_id=EOS, pad_id=pad,
+    )  # fmt: skip
+    return sequences[:, 0]  # the best beam
 
-    def step(carry):
-        t, out, done = carry
-        logits = model.apply(
-            variables, encoded, inputs, shift_right(out, pad), method="decode"
-        )  # [B, max_length, V]: position t sees only out[:, :t] (causal)
-        token = jnp.argmax(logits[:, t], axis=-1).astype(out.dtype)  # [B]
-        token = jnp.where(done, pad, token)
-        out = out.at[:, t].set(token)
-        return t + 1, out, done | (token == eos_id)
 
-    def more(carry):
-        t, _, done = carry
-        return (t < max_length) & ~jnp.all(done)
+def greedy_decode(model: Transformer, params, inputs, *, max_length: int, eos_id: int = EOS):
+    """inputs [B, S] -> output ids [B, max_length] by greedy search (KV cache), no
+    per-row length limit beyond `max_length`."""
+    return translate(
+        model, params, inputs, max_length=max_length, beam_size=1, extra_length=max_length
+    )
 
-    start = (0, jnp.full((B, max_length), pad, jnp.int32), jnp.zeros((B,), bool))
-    _, out, _ = jax.lax.while_loop(more, step, start)
-    return out
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "top_k"))
+def generate(
+    model: TransformerLM,
+    params,
+    prompt,
+    rng,
+    *,
+    max_length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+):
+    """Samples continuations of `prompt` [B, P] (right-padded) from the LM: output ids
+    [B, max_length] starting with the prompt, cut after EOS. ``temperature=0``: greedy."""
+    B = prompt.shape[0]
+    blank = jnp.zeros((B, max_length), jnp.int32)
+    _, created = model.apply({"params": params}, blank, decode=True, mutable=["cache"])
+    return search.sample(
+        step_fn(model, params), {"model": created["cache"]}, rng, batch_size=B,
+        max_length=max_length, prompt=prompt, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_id=EOS, pad_id=model.config.pad_id,
+    )  # fmt: skip

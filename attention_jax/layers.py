@@ -9,10 +9,17 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from attention_jax.attention import multi_head_attention
+from attention_jax.attention import (
+    dot_product_attention,
+    merge_heads,
+    multi_head_attention,
+    project_heads,
+)
 from attention_jax.config import TransformerConfig
+from attention_jax.positional import apply_rotary_embedding
 
 _xavier = nn.initializers.xavier_uniform
 
@@ -54,12 +61,29 @@ class MultiHeadAttention(nn.Module):
 
     When the ``intermediates`` collection is mutable, the weights ``[B, N, T, S]`` are sown
     as ``intermediates/<this module>/attention_weights`` (outputs are unchanged).
+
+    With ``decode=True`` it keeps a KV cache in the ``cache`` collection: the first call
+    (cache not yet created, ``x`` of the maximum decode length) creates it; each later call
+    takes one new position ``x [B, 1, D]``. Self-attention appends the new key and value at
+    ``cache_index`` and attends over positions ``<= cache_index``; cross-attention
+    (``cross=True``) projects the encoder output once, in the creating call, and reuses it.
     """
 
     config: TransformerConfig
+    cross: bool = False  # attends to another sequence (the encoder output)
 
     @nn.compact
-    def __call__(self, x, kv, mask, *, deterministic: bool, positions=None, kv_positions=None):
+    def __call__(
+        self,
+        x,
+        kv,
+        mask,
+        *,
+        deterministic: bool,
+        positions=None,
+        kv_positions=None,
+        decode: bool = False,
+    ):
         """x [B, T, D], kv [B, S, D], mask bool broadcastable to [B, N, T, S]."""
         cfg = self.config
         D, N, H = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -78,6 +102,10 @@ class MultiHeadAttention(nn.Module):
             param_dtype=cfg.param_dtype,
             name="out",
         )()
+        if decode and self.has_variable("cache", "cached_key"):
+            return self._cached_step(params, x, mask, positions)
+        if decode:
+            self._create_cache(params, x, kv)
         dropout = cfg.attention_dropout_rate if not deterministic else 0.0
         capture = self.is_mutable_collection("intermediates")
         result = multi_head_attention(
@@ -99,6 +127,45 @@ class MultiHeadAttention(nn.Module):
             result, weights = result
             self.sow("intermediates", "attention_weights", weights)
         return result  # [B, T, D]
+
+    def _create_cache(self, params, x, kv):
+        cfg = self.config
+        B, L = x.shape[:2]  # L: the longest decode
+        if self.cross:  # the encoder's keys and values, projected once
+            for name in ("key", "value"):
+                self.variable(
+                    "cache", f"cached_{name}", project_heads, params[name], kv, dtype=cfg.dtype
+                )
+            return
+        shape = (B, L, cfg.num_heads, cfg.head_dim)  # [B, L, N, H]
+        self.variable("cache", "cached_key", jnp.zeros, shape, cfg.dtype)
+        self.variable("cache", "cached_value", jnp.zeros, shape, cfg.dtype)
+        # One index per row (all equal), so every cache leaf leads with B and beam search
+        # can reorder rows with one gather.
+        self.variable("cache", "cache_index", jnp.zeros, (B,), jnp.int32)
+
+    def _cached_step(self, params, x, mask, positions):
+        """One position: x [B, 1, D] -> [B, 1, D]."""
+        cfg = self.config
+        q = project_heads(params["query"], x, dtype=cfg.dtype)  # [B, 1, N, H]
+        key, value = self.variable("cache", "cached_key"), self.variable("cache", "cached_value")
+        if not self.cross:
+            index = self.variable("cache", "cache_index")
+            t = index.value[0]
+            k = project_heads(params["key"], x, dtype=cfg.dtype)  # [B, 1, N, H]
+            v = project_heads(params["value"], x, dtype=cfg.dtype)
+            if cfg.positional == "rotary":
+                q = apply_rotary_embedding(q, positions)
+                k = apply_rotary_embedding(k, positions)
+            key.value = jax.lax.dynamic_update_slice(key.value, k, (0, t, 0, 0))
+            value.value = jax.lax.dynamic_update_slice(value.value, v, (0, t, 0, 0))
+            index.value = index.value + 1
+            L = key.value.shape[1]
+            mask = (jnp.arange(L) <= t)[None, None, None, :]  # [1, 1, 1, L]: the past only
+        heads = dot_product_attention(
+            q, key.value, value.value, mask=mask, dtype=cfg.dtype, implementation="xla"
+        )  # [B, 1, N, H]
+        return merge_heads(params["out"], heads, dtype=cfg.dtype)  # [B, 1, D]
 
 
 class FeedForward(nn.Module):
@@ -181,7 +248,17 @@ class DecoderLayer(nn.Module):
     cross: bool = True
 
     @nn.compact
-    def __call__(self, y, encoded, self_mask, cross_mask, *, deterministic: bool, positions=None):
+    def __call__(
+        self,
+        y,
+        encoded,
+        self_mask,
+        cross_mask,
+        *,
+        deterministic: bool,
+        positions=None,
+        decode: bool = False,
+    ):
         cfg = self.config
         attn = MultiHeadAttention(cfg, name="self_attention")
         y = Residual(cfg, name="attention_block")(
@@ -193,14 +270,15 @@ class DecoderLayer(nn.Module):
                 deterministic=deterministic,
                 positions=positions,
                 kv_positions=positions,
+                decode=decode,
             ),
             deterministic=deterministic,
         )
         if self.cross:
-            cross = MultiHeadAttention(cfg, name="cross_attention")
+            cross = MultiHeadAttention(cfg, cross=True, name="cross_attention")
             y = Residual(cfg, name="cross_block")(
                 y,
-                lambda h: cross(h, encoded, cross_mask, deterministic=deterministic),
+                lambda h: cross(h, encoded, cross_mask, deterministic=deterministic, decode=decode),
                 deterministic=deterministic,
             )
         ffn = FeedForward(cfg, name="feed_forward")

@@ -165,6 +165,7 @@ class Decoder(nn.Module):
         positions=None,
         segmentation=None,
         source_segmentation=None,
+        decode: bool = False,
     ):
         cfg = self.config
         T = decoder_inputs.shape[-1]
@@ -186,7 +187,13 @@ class Decoder(nn.Module):
         rotary = _rotary(cfg, decoder_inputs, positions)
         for i in range(cfg.decoder_layers):
             y = DecoderLayer(cfg, cross=self.cross, name=f"layer_{i}")(
-                y, encoded, self_mask, cross_mask, deterministic=not train, positions=rotary
+                y,
+                encoded,
+                self_mask,
+                cross_mask,
+                deterministic=not train,
+                positions=rotary,
+                decode=decode,
             )
         if cfg.pre_ln:
             y = layer_norm(cfg, "final_norm")(y)
@@ -239,13 +246,23 @@ class Transformer(nn.Module):
         positions=None,
         segmentation=None,
         source_segmentation=None,
+        decode: bool = False,
     ):
         """encoded [B, S, D], inputs [B, S] (for the source padding), decoder_inputs [B, T]
-        (already shifted) -> logits [B, T, V]."""
+        (already shifted) -> logits [B, T, V].
+
+        ``decode=True`` uses the KV cache (see layers.MultiHeadAttention): the first call,
+        with ``decoder_inputs`` of the longest decode and the real `encoded`, creates it
+        (``mutable=['cache']``); later calls pass one position ``[B, 1]`` with its
+        ``positions [B, 1]`` and ``encoded=None`` (the encoder's keys are cached)."""
         cfg = self.config
         inputs = check_tokens("inputs", inputs, cfg)
         decoder_inputs = check_tokens("decoder_inputs", decoder_inputs, cfg, cfg.output_vocab_size)
-        if encoded.shape[:2] != inputs.shape or encoded.shape[-1] != cfg.d_model:
+        if encoded is None and not decode:
+            raise ValueError("encoded is None: only a cached decode step may omit it")
+        if encoded is not None and (
+            encoded.shape[:2] != inputs.shape or encoded.shape[-1] != cfg.d_model
+        ):
             raise ValueError(
                 f"encoded must be [B, S, D={cfg.d_model}] for inputs {inputs.shape}, "
                 f"got {encoded.shape}"
@@ -266,6 +283,7 @@ class Transformer(nn.Module):
             positions=positions,
             segmentation=segmentation,
             source_segmentation=source_segmentation,
+            decode=decode,
         )
 
     def __call__(
@@ -310,7 +328,14 @@ class TransformerLM(nn.Module):
         self.embedder = Embedder(self.config, self.config.vocab_size, name="embedding")
         self.decoder = Decoder(self.config, self.embedder, cross=False)
 
-    def __call__(self, tokens, *, train: bool = False, positions=None, segmentation=None):
+    def __call__(
+        self, tokens, *, train: bool = False, positions=None, segmentation=None, decode=False
+    ):
+        """tokens [B, T] -> logits [B, T, V]; ``decode=True``: the KV cache, as in
+        `Transformer.decode` (create it with tokens of the longest decode, then one position
+        ``[B, 1]`` per call with its ``positions``)."""
         tokens = check_tokens("tokens", tokens, self.config)
         _check_packing("tokens", tokens, positions, segmentation)
-        return self.decoder(tokens, train=train, positions=positions, segmentation=segmentation)
+        return self.decoder(
+            tokens, train=train, positions=positions, segmentation=segmentation, decode=decode
+        )

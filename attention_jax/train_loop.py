@@ -19,11 +19,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from attention_jax import flops, metrics, sharding, training
+from attention_jax import decoding, flops, metrics, sharding, training
 from attention_jax.checkpoint import Checkpointer
 from attention_jax.config import TransformerConfig
 from attention_jax.data import tasks
-from attention_jax.decoding import greedy_decode
+from attention_jax.inference import save_config
 from attention_jax.model import Transformer
 from attention_jax.reporting import MetricsWriter, Progress
 
@@ -155,6 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, _ = ckpt.restore(start, abstract, data_iterator=task_iterator(task))
         if jax.process_index() == 0:
             print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    if jax.process_index() == 0:  # for translate.py / evaluate.py; the checks above passed
+        save_config(config, workdir)
     log = MetricsWriter(workdir, start)
     progress = Progress(config.num_train_steps, start)
     step_fn = training.jit_train_step(
@@ -162,10 +164,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
     )  # fmt: skip
     eval_fn = training.jit_eval_step(model, shardings.params, mesh)
-    max_decode = config.data.get("max_length", 0)
-    decode_fn = jax.jit(
-        functools.partial(greedy_decode, model, max_length=max_decode)
-    ) if max_decode else None  # fmt: skip
+    # Periodic validation decodes greedily (fast); the final test report uses beam search
+    # (config.beam_size, config.alpha; the paper: 4 and 0.6), as translate.py does.
+    max_decode = min(config.data.get("max_length", 0) + 50, cfg.max_len)
+    decode_fn = functools.partial(decoding.translate, model, max_length=max_decode, beam_size=1)
+    final_decode_fn = functools.partial(
+        decoding.translate, model, max_length=max_decode,
+        beam_size=config.get("beam_size", 4), alpha=config.get("alpha", 0.6),
+    )  # fmt: skip
     peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
     total = config.num_train_steps
     # Throughput over each logging interval (the first one includes compilation); the host
@@ -207,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(done, state, meta, force=last, data_iterator=task_iterator(task))
     progress.close()
     ckpt.close()
-    final = evaluate(eval_fn, decode_fn, state.params, task, mesh, split="test")
+    final = evaluate(eval_fn, final_decode_fn, state.params, task, mesh, split="test")
     log.write(max(start, total), {f"test_{k}": v for k, v in final.items()})
     log.close()
     if jax.process_index() == 0:

@@ -20,7 +20,9 @@ def test_greedy_matches_eager_argmax_loop():
     done = np.zeros(2, bool)
     for t in range(8):  # the obvious loop: full forward pass, argmax of position t
         logits = model.apply({"params": params}, inputs, jnp.asarray(out))  # reads shift_right
-        token = np.where(done, 0, np.argmax(np.asarray(logits[:, t]), -1))
+        scores = np.asarray(logits[:, t]).copy()
+        scores[:, 0] = -np.inf  # padding is never generated
+        token = np.where(done, 0, np.argmax(scores, -1))
         out[:, t] = token
         done |= token == 1
     np.testing.assert_array_equal(got, out)
@@ -60,3 +62,21 @@ def test_metrics_bad_input():
         metrics.bleu(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no sentences"):
         metrics.chrf([], [])
+
+
+def test_bleu_equals_sacrebleu_command_line(tmp_path):
+    """Our corpus BLEU and chrF equal what `sacrebleu REF -i HYP` prints for the same files."""
+    import subprocess
+    import sys
+
+    hyps = ["The cat sat on the mat.", "It is raining heavily today!", "Ein Haus am See."]
+    refs = ["The cat sat on a mat.", "It rains heavily today!", "Ein Haus am See."]
+    (tmp_path / "hyp").write_text("\n".join(hyps) + "\n")
+    (tmp_path / "ref").write_text("\n".join(refs) + "\n")
+    for metric, ours in (("bleu", metrics.bleu), ("chrf", metrics.chrf)):
+        out = subprocess.run(
+            [sys.executable, "-m", "sacrebleu", str(tmp_path / "ref"), "-i",
+             str(tmp_path / "hyp"), "-m", metric, "-b", "-w", "6"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert ours(hyps, refs)[0] == pytest.approx(float(out.strip()), abs=1e-6)

@@ -25,3 +25,13 @@ def test_readme_model_example_runs():
     exec(compile(blocks[1], "README.md", "exec"), scope)
     assert scope["logits"].shape == (1, 5, 100) and scope["enc"].shape == (1, 4, 32)
     assert "intermediates" in scope["state"]
+
+
+def test_readme_decoding_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    scope = {}
+    exec(compile(blocks[1], "README.md", "exec"), scope)  # the model it continues
+    exec(compile(blocks[2], "README.md", "exec"), scope)
+    assert scope["ids"].shape == scope["greedy"].shape == (1, 8)
+    assert scope["sampled"].shape == (1, 8)
+    np.testing.assert_array_equal(scope["sampled"][:, :2], scope["tgt"][:, :2])  # the prompt

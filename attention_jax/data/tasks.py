@@ -174,6 +174,15 @@ class TranslationTask:
         }
 
 
+def load_eval_pairs(config, split: str) -> tuple[list[str], list[str]]:
+    """The source sentences and references of a split of the config's dataset."""
+    if config.data.dataset == "reversal":
+        raise ValueError("the reversal task has no text to translate")
+    source = _load_source(config, split)
+    pairs = [source[i] for i in range(len(source))]
+    return [p["source"] for p in pairs], [p["target"] for p in pairs]
+
+
 def load_or_train_vocabulary(config, workdir: str, train_source):
     """The workdir's vocabulary (``<workdir>/vocab.model``), created on the first run: copied
     from ``config.data.vocab_path`` or from the one prepare_data.py stored for the dataset,

@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 100
     config.eval_every = 600  # validation loss, accuracy, sacreBLEU and chrF (greedy)
     config.eval_batches = 0  # (reversal task only)
+    config.beam_size = 4  # the final test report decodes with beam search (paper: 4, 0.6)
+    config.alpha = 0.6  # GNMT length penalty ((5 + |Y|) / 6)^alpha
     config.checkpoint_every = 200
     config.keep_checkpoints = 3
     # Peak FLOP/s of one device for the MFU column; 0 = look the device up in

@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 100
     config.eval_every = 2000
     config.eval_batches = 0  # (reversal task only)
+    config.beam_size = 4  # section 6.1: beam 4, length penalty 0.6, max length input + 50
+    config.alpha = 0.6
     config.checkpoint_every = 2000
     config.keep_checkpoints = 5  # the paper averages the last 5 checkpoints of the base model
     config.peak_flops_per_device = 0.0  # 0: look the device up (attention_jax.flops)

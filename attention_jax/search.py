@@ -1,0 +1,419 @@
+"""Search over a one-token step function: beam search, greedy search and sampling.
+
+Pure JAX (no Flax), batched, and `jit`-compilable: each search is one `lax.while_loop` over
+output positions with static shapes. Dimension legend: B batch, K beam, V vocabulary,
+T output length (``max_length``). N (heads elsewhere in the library) here counts the rows
+the step function sees: B, or B * K in beam search.
+
+The model enters only through the step function::
+
+    tokens_to_logits(tokens int32 [N], cache, step int32 []) -> (logits [N, V], new_cache)
+
+``tokens`` is the last token of each row (``bos_id`` at step 0), ``step`` the 0-based
+position being predicted, and ``cache`` any pytree whose leaves lead with N. Logits may be
+unnormalised; the searches take ``log_softmax`` in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def length_penalty(length, alpha):
+    """GNMT length penalty ``((5 + |Y|) / 6) ** alpha`` (Wu et al. 2016, eq. 14), float32."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def beam_search(
+    tokens_to_logits: StepFn,
+    init_cache,
+    *,
+    batch_size: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    max_length: int,
+    lengths=None,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    bos_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search with the GNMT length penalty, as in tensor2tensor / flax's WMT example.
+
+    A hypothesis Y scores ``log P(Y) / length_penalty(|Y|, alpha)``, where |Y| counts its
+    tokens including the final EOS. Each row keeps K *alive* beams (best log P, no EOS yet)
+    and K *finished* ones (best score). At every step each alive beam's EOS extension is a
+    finished candidate; at a row's last position (``lengths[b]``, default ``max_length``)
+    every extension is, so a row without EOS is finished there with |Y| = ``lengths[b]``.
+    A row stops once its worst finished score is at least the best alive log P divided by
+    the penalty at the row's maximum length: log P only falls and (alpha >= 0) the penalty
+    only grows, so no alive beam can still enter the finished set, and stopping early never
+    changes the result. The loop ends when every row has stopped, or at ``max_length``.
+
+    Args:
+      tokens_to_logits: the step function (module docstring); here N = B * K.
+      init_cache: pytree with leaves ``[B, ...]``; each row is repeated K times
+        (``[B * K, ...]``, row ``b * K + k``) and gathered whenever beams are reselected.
+      batch_size: B.
+      beam_size: K >= 1.
+      alpha: length-penalty exponent >= 0 (0: plain log P).
+      max_length: T, the static length of the outputs.
+      lengths: optional int ``[B]``, each row's maximum output length in ``[1, T]``, such as
+        source length + 50. Checked when concrete; under `jit` clipped to ``[1, T]``.
+      eos_id, pad_id, bos_id: end token; filler after EOS or a row's length; the token fed
+        at step 0.
+
+    Returns:
+      ``(sequences int32 [B, K, T], scores float32 [B, K])``, best first. Sequences keep
+      their EOS and hold ``pad_id`` after it (or from ``lengths[b]`` on). When a row has
+      fewer than K hypotheses of nonzero probability the remaining slots are all pad with
+      score ``-inf``.
+    """
+    name = "beam_search"
+    B = _positive_int(name, "batch_size", batch_size)
+    K = _positive_int(name, "beam_size", beam_size)
+    T = _positive_int(name, "max_length", max_length)
+    alpha = _nonnegative_real(name, "alpha", alpha)
+    eos_id, pad_id, bos_id = (
+        _token_id(name, nm, v)
+        for nm, v in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
+    )
+    lengths = _row_lengths(name, lengths, B, T)  # [B]
+    _check_cache(name, init_cache, B)
+    # Row b's beams are rows b * K .. b * K + K - 1.
+    cache = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), K, axis=0), init_cache)
+    V = _check_step_fn(name, tokens_to_logits, cache, B * K, eos_id)
+
+    max_penalty = length_penalty(lengths, alpha)  # [B]
+
+    def rows_done(step, alive_logp, fin_scores):  # -> bool [B]
+        # alive_logp <= 0, so the best an alive beam can still score is bounded by its log P
+        # over the largest penalty; an unfilled finished slot (-inf) never meets the bound
+        # unless no beam is alive either.
+        best_alive = jnp.max(alive_logp, axis=1) / max_penalty  # [B]
+        return (step >= lengths) | (jnp.min(fin_scores, axis=1) >= best_alive)
+
+    def extend(seqs, flat, step):
+        """seqs [B, K, T], flat indices [B, K'] into K * V -> the chosen beams with the chosen
+        token at `step`: [B, K', T]."""
+        beam, token = flat // V, flat % V  # [B, K'], [B, K']
+        chosen = jnp.take_along_axis(seqs, beam[:, :, None], axis=1)  # [B, K', T]
+        return lax.dynamic_update_index_in_dim(chosen, token, step, axis=2), beam
+
+    def more(state):
+        step, _, alive_logp, _, fin_scores, _ = state
+        return (step < T) & ~jnp.all(rows_done(step, alive_logp, fin_scores))
+
+    def body(state):
+        step, alive_seqs, alive_logp, fin_seqs, fin_scores, cache = state
+        # A stopped row takes no new candidates, so its result is final.
+        done = rows_done(step, alive_logp, fin_scores)  # [B]
+        alive_logp = jnp.where(done[:, None], -jnp.inf, alive_logp)  # [B, K]
+
+        last = jnp.where(step == 0, bos_id, _column(alive_seqs, step - 1))  # [B, K]
+        logits, cache = tokens_to_logits(last.reshape(B * K), cache, step)  # [B*K, V]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, K, V)
+        cand = alive_logp[:, :, None] + logp  # [B, K, V]: log P of every extension
+        ends = (jnp.arange(V) == eos_id)[None, None, :] | (step + 1 >= lengths)[:, None, None]
+
+        # Alive: the K best extensions that do not end here.
+        new_alive_logp, flat = lax.top_k(jnp.where(ends, -jnp.inf, cand).reshape(B, K * V), K)
+        new_alive_seqs, beam = extend(alive_seqs, flat, step)  # [B, K, T], [B, K]
+        rows = (jnp.arange(B)[:, None] * K + beam).reshape(B * K)  # [B*K]
+        cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+
+        # Finished: the K best of the old finished and the extensions that end here. The old
+        # ones come first, so they win ties (lax.top_k keeps the lower index).
+        ended = jnp.where(ends, cand / length_penalty(step + 1, alpha), -jnp.inf)  # [B, K, V]
+        new_scores, flat = lax.top_k(ended.reshape(B, K * V), K)  # [B, K]
+        new_seqs, _ = extend(alive_seqs, flat, step)  # [B, K, T]
+        fin_scores, keep = lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), K)
+        both = jnp.concatenate([fin_seqs, new_seqs], axis=1)  # [B, 2K, T]
+        fin_seqs = jnp.take_along_axis(both, keep[:, :, None], axis=1)  # [B, K, T]
+        return step + 1, new_alive_seqs, new_alive_logp, fin_seqs, fin_scores, cache
+
+    pads = jnp.full((B, K, T), pad_id, jnp.int32)
+    # Only beam 0 is live at the start: the K copies of a row would otherwise fill the beam
+    # with K identical hypotheses.
+    alive_logp = jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
+    fin_scores = jnp.full((B, K), -jnp.inf, jnp.float32)
+    start = (jnp.int32(0), pads, alive_logp, pads, fin_scores, cache)
+    # Empty finished slots stay all pad: top_k puts the old -inf slots before new ones.
+    _, _, _, fin_seqs, fin_scores, _ = lax.while_loop(more, body, start)
+    return fin_seqs, fin_scores
+
+
+def greedy_search(
+    tokens_to_logits: StepFn,
+    init_cache,
+    *,
+    batch_size: int,
+    max_length: int,
+    lengths=None,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    bos_id: int = 0,
+) -> jax.Array:
+    """Argmax at every step: ids int32 ``[B, T]`` with each row's EOS kept and ``pad_id``
+    after it (or from ``lengths[b]`` on, see :func:`beam_search`). Stops early once every
+    row has ended."""
+    name = "greedy_search"
+    B = _positive_int(name, "batch_size", batch_size)
+    T = _positive_int(name, "max_length", max_length)
+    eos_id, pad_id, bos_id = (
+        _token_id(name, nm, v)
+        for nm, v in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
+    )
+    lengths = _row_lengths(name, lengths, B, T)  # [B]
+    _check_cache(name, init_cache, B)
+    cache = jax.tree.map(jnp.asarray, init_cache)
+    _check_step_fn(name, tokens_to_logits, cache, B, eos_id)
+
+    def body(state):
+        step, seqs, done, cache = state
+        last = jnp.where(step == 0, bos_id, _column(seqs, step - 1))  # [B]
+        logits, cache = tokens_to_logits(last, cache, step)  # [B, V]
+        token = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # [B]
+        token = jnp.where(done, pad_id, token)
+        done = done | (token == eos_id) | (step + 1 >= lengths)
+        return step + 1, lax.dynamic_update_index_in_dim(seqs, token, step, axis=1), done, cache
+
+    start = (jnp.int32(0), jnp.full((B, T), pad_id, jnp.int32), jnp.zeros((B,), bool), cache)
+    _, seqs, _, _ = lax.while_loop(_not_all_done(T), body, start)
+    return seqs
+
+
+def sample(
+    tokens_to_logits: StepFn,
+    init_cache,
+    rng,
+    *,
+    batch_size: int,
+    max_length: int,
+    prompt=None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    bos_id: int = 0,
+) -> jax.Array:
+    """Ancestral sampling for decoder-only LMs: ids int32 ``[B, T]``.
+
+    The output starts with each row's prompt; while inside it the prompt token is fed
+    (teacher forcing, one token per step, so the cache fills). After it, each token is drawn
+    from ``softmax(logits / temperature)`` restricted first to the ``top_k`` largest logits
+    (ties at the k-th are kept) and then to the smallest set of tokens whose probability
+    adds up to ``top_p`` (nucleus sampling; the most likely token is always kept). A row
+    ends at its first sampled EOS (prompt tokens never end it) and holds ``pad_id`` after
+    it; the loop stops early once every row has ended.
+
+    Args:
+      tokens_to_logits: the step function (module docstring); N = B.
+      init_cache: pytree with leaves ``[B, ...]``.
+      rng: a PRNG key; step t draws with ``fold_in(rng, t)``, so a fixed key reproduces.
+      batch_size: B.
+      max_length: T.
+      prompt: optional int ``[B, P]`` with P < T, right-padded with ``pad_id`` (row b's
+        prompt is the tokens before its first pad).
+      temperature: >= 0; 0 is argmax (greedy).
+      top_k: keep the k largest logits; 0 = off.
+      top_p: in ``(0, 1]``; 1 = off.
+      eos_id, pad_id, bos_id: as in :func:`beam_search`.
+    """
+    name = "sample"
+    B = _positive_int(name, "batch_size", batch_size)
+    T = _positive_int(name, "max_length", max_length)
+    top_k = _nonnegative_int(name, "top_k", top_k)
+    temperature = _nonnegative_real(name, "temperature", temperature)
+    top_p = _real_in(name, "top_p", top_p, "0 < top_p <= 1", lambda p: 0.0 < p <= 1.0)
+    eos_id, pad_id, bos_id = (
+        _token_id(name, nm, v)
+        for nm, v in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
+    )
+    seqs = jnp.full((B, T), pad_id, jnp.int32)
+    prompt_len = jnp.zeros((B,), jnp.int32)
+    if prompt is not None:
+        prompt = jnp.asarray(prompt)
+        if (
+            prompt.ndim != 2
+            or prompt.shape[0] != B
+            or not jnp.issubdtype(prompt.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"{name}: expected an integer prompt [B, P] with B = batch_size = {B}, got "
+                f"shape {prompt.shape} and dtype {prompt.dtype}"
+            )
+        if prompt.shape[1] >= T:
+            raise ValueError(
+                f"{name}: expected the prompt length P < max_length = {T} (room for a "
+                f"sampled token), got P = {prompt.shape[1]}"
+            )
+        # Right-padded: the prompt is everything before the first pad.
+        prompt_len = jnp.argmin(
+            jnp.concatenate([prompt != pad_id, jnp.zeros((B, 1), bool)], axis=1), axis=1
+        ).astype(jnp.int32)  # [B]
+        seqs = seqs.at[:, : prompt.shape[1]].set(prompt.astype(jnp.int32))
+    _check_cache(name, init_cache, B)
+    cache = jax.tree.map(jnp.asarray, init_cache)
+    V = _check_step_fn(name, tokens_to_logits, cache, B, eos_id)
+
+    def body(state):
+        step, seqs, done, cache = state
+        last = jnp.where(step == 0, bos_id, _column(seqs, step - 1))  # [B]
+        logits, cache = tokens_to_logits(last, cache, step)  # [B, V]
+        forced = step < prompt_len  # [B]
+        drawn = _draw(jax.random.fold_in(rng, step), logits, V, temperature, top_k, top_p)
+        token = jnp.where(forced, _column(seqs, step), drawn)  # [B]
+        token = jnp.where(done, pad_id, token)
+        done = done | (~forced & (token == eos_id))
+        return step + 1, lax.dynamic_update_index_in_dim(seqs, token, step, axis=1), done, cache
+
+    start = (jnp.int32(0), seqs, jnp.zeros((B,), bool), cache)
+    _, seqs, _, _ = lax.while_loop(_not_all_done(T), body, start)
+    return seqs
+
+
+def _draw(key, logits, V, temperature, top_k, top_p):
+    """One token per row from logits [B, V] -> int32 [B] (see :func:`sample`)."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    if _static(temperature) == 0.0:
+        return greedy
+    temperature = jnp.asarray(temperature, jnp.float32)
+    # A traced temperature may be 0: divide by 1 instead and pick the argmax below.
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)  # [B, V]
+    if 0 < top_k < V:
+        kth = lax.top_k(scaled, top_k)[0][:, -1:]  # [B, 1]
+        scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    if _static(top_p) != 1.0:
+        ordered = lax.top_k(scaled, V)[0]  # [B, V], descending
+        probs = jax.nn.softmax(ordered, axis=-1)
+        above = jnp.cumsum(probs, axis=-1) - probs  # [B, V]: mass of the tokens before
+        keep = (above < top_p) | (top_p >= 1.0) | (jnp.arange(V) == 0)[None, :]
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)  # [B]
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+def _not_all_done(T):
+    def more(state):
+        step, _, done, _ = state
+        return (step < T) & ~jnp.all(done)
+
+    return more
+
+
+def _column(seqs, t):
+    """seqs [..., T] at the traced position ``max(t, 0)`` -> [...]."""
+    return lax.dynamic_index_in_dim(seqs, jnp.maximum(t, 0), axis=-1, keepdims=False)
+
+
+# ---- Argument checks (at the boundary; traced values are checked where they can be). ----
+
+
+def _static(x):
+    """The Python float value of `x`, or None when it is traced."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return float(np.asarray(x))
+
+
+def _positive_int(fn, name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{fn}: expected {name} to be a positive int, got {value!r}")
+    return int(value)
+
+
+def _nonnegative_int(fn, name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{fn}: expected {name} to be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _token_id(fn, name, value) -> int:
+    return _nonnegative_int(fn, name, value)
+
+
+def _real_in(fn, name, value, rule, ok):
+    if isinstance(value, bool) or jnp.ndim(value) != 0:
+        raise ValueError(f"{fn}: expected {name} to be a real scalar ({rule}), got {value!r}")
+    v = _static(value)
+    if v is not None and not (np.isfinite(v) and ok(v)):
+        raise ValueError(f"{fn}: expected {name} with {rule}, got {v!r}")
+    return value
+
+
+def _nonnegative_real(fn, name, value):
+    return _real_in(fn, name, value, f"{name} >= 0", lambda v: v >= 0.0)
+
+
+def _row_lengths(fn, lengths, B, T):
+    """-> int32 [B]: the rows' maximum output lengths (default T)."""
+    if lengths is None:
+        return jnp.full((B,), T, jnp.int32)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"{fn}: expected integer lengths [B] with B = batch_size = {B}, got shape "
+            f"{lengths.shape} and dtype {lengths.dtype}"
+        )
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = np.asarray(lengths)
+        if np.any(bad < 1) or np.any(bad > T):
+            raise ValueError(
+                f"{fn}: expected every length in [1, max_length = {T}], got {bad.tolist()}"
+            )
+    return jnp.clip(lengths.astype(jnp.int32), 1, T)
+
+
+def _check_cache(fn, cache, B):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        shape = jnp.shape(leaf)
+        if not shape or shape[0] != B:
+            raise ValueError(
+                f"{fn}: every cache leaf must lead with B = batch_size = {B}, got shape "
+                f"{shape} at {jax.tree_util.keystr(path)}"
+            )
+
+
+def _check_step_fn(fn, tokens_to_logits, cache, N, eos_id) -> int:
+    """Traces one step abstractly; checks ``(logits [N, V], cache like the input)``; -> V."""
+    if not callable(tokens_to_logits):
+        raise ValueError(f"{fn}: tokens_to_logits must be callable, got {tokens_to_logits!r}")
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
+    tokens = jax.ShapeDtypeStruct((N,), jnp.int32)
+    out = jax.eval_shape(tokens_to_logits, tokens, spec, jax.ShapeDtypeStruct((), jnp.int32))
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(f"{fn}: tokens_to_logits must return (logits, cache), got {out}")
+    logits, new = out
+    if (
+        not hasattr(logits, "shape")
+        or len(logits.shape) != 2
+        or logits.shape[0] != N
+        or not jnp.issubdtype(logits.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"{fn}: expected float logits [N = {N}, V] from tokens_to_logits, got {logits}"
+        )
+
+    def shapes(tree):
+        return [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+    if jax.tree.structure(new) != jax.tree.structure(spec) or shapes(new) != shapes(spec):
+        raise ValueError(
+            f"{fn}: tokens_to_logits must return a cache of the same structure, shapes and "
+            f"dtypes as it was given; expected {spec}, got {new}"
+        )
+    V = logits.shape[1]
+    if eos_id >= V:
+        raise ValueError(f"{fn}: expected eos_id < V = {V} (the logits' width), got {eos_id}")
+    return V
