@@ -49,7 +49,8 @@ class ReversalTask:
         self.config = config
         self.vocab_size = config.model.vocab_size
 
-    def _batch(self, index: int, split: str = "train") -> dict:
+    def _batch(self, index: int, split: str = "train", *, whole: bool = False) -> dict:
+        """This process's rows of batch `index` (``whole``: the global batch)."""
         c = self.config
         return reversal_batch(
             index,
@@ -59,8 +60,8 @@ class ReversalTask:
             max_len=c.data.max_len,
             seed=c.seed,
             split=split,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=0 if whole else jax.process_index(),
+            process_count=1 if whole else jax.process_count(),
         )
 
     def example_batch(self) -> dict:
@@ -70,7 +71,9 @@ class ReversalTask:
         return self._batch(step)
 
     def eval_data(self, split: str) -> EvalData:
-        return EvalData([self._batch(i, split) for i in range(self.config.eval_batches)])
+        # Global batches, like TranslationTask's: evaluate() feeds each process its rows.
+        n = self.config.eval_batches
+        return EvalData([self._batch(i, split, whole=True) for i in range(n)])
 
     def meta(self) -> dict:
         return {"dataset": "reversal"}
