@@ -15,20 +15,26 @@ The paper's attention for one head is four steps (section 3.2.1):
 same one-head function over heads and batch, and :func:`multi_head_attention` adds the
 learned projections of section 3.2.2.
 
-Two ways to run the multi-head map (``implementation=``):
+Ways to run the multi-head map (``implementation=``):
 
 * ``'xla'``: ``jax.vmap`` of the one-head function over heads, then over each batch dim;
-  one batched XLA computation, differentiated by plain autodiff (any transform works,
-  forward mode included). The default on GPU and TPU, and on CPU for small heads.
-* ``'chunked'``: the same one-head function applied to cache-sized blocks of queries
-  (softmax rows are independent, so this is the same math), over groups of heads in
-  sequence (``lax.map`` with ``batch_size``, i.e. vmap in groups), with a custom VJP that
-  recomputes each block's weights from its saved log-sum-exp instead of storing the
-  ``T × S`` weights. On CPU this keeps every matmul and softmax in cache: measured about
-  2x faster forward and 1.3x faster forward+backward than ``'xla'`` at T = 512..2048
-  (BUILD_NOTES.md). The default on CPU once one head's scores exceed 512 KiB.
-  Forward-mode AD (``jax.jvp``) is not defined through its custom VJP, which is used when
-  there is no bias, no dropout and no weights requested; use ``'xla'`` for that.
+  one batched XLA computation that materialises the ``T × S`` scores, differentiated by
+  plain autodiff (any transform works, forward mode included). The only one that can
+  return the weights.
+* ``'blockwise'``: :mod:`attention_jax.blockwise`, the same math in tiles of queries and
+  keys with an online softmax and a recomputing custom VJP: O(T) memory instead of
+  O(T·S), causal tiles above the diagonal skipped. Pure JAX, any device; on CPU also faster
+  than ``'xla'`` once a head's scores outgrow the cache (BUILD_NOTES.md).
+* ``'cudnn'``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``
+  (NVIDIA GPUs, bf16/f16).
+* ``'pallas'``: the flash-attention kernels in ``jax.experimental.pallas.ops`` (GPU, TPU);
+  see :mod:`attention_jax.kernels`.
+* ``None`` / ``'auto'``: the fastest valid one for the device, dtype and shape
+  (:func:`attention_jax.blockwise.choose_implementation`).
+
+Masks that are structure rather than data are best given as such: ``is_causal=True`` and
+``key_value_seq_lengths`` cost no ``T × S`` array, let ``'blockwise'`` skip tiles, and are
+what the fused kernels accept.
 """
 
 from __future__ import annotations
@@ -42,17 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from attention_jax import blockwise
 from attention_jax.positional import apply_rotary_embedding
 
-Implementation = Literal["xla", "chunked"]
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "chunked")
-
-# Working-set budget for one step of the chunked path: the [heads_per_step, block, S] float32
-# scores should stay in the per-core L2 cache (measured on a 2-core EPYC, BUILD_NOTES.md).
-_CHUNK_QUERY_BLOCK = 256
-_CHUNK_BUDGET_BYTES = 1 << 21
-# implementation=None picks 'chunked' on CPU when one head's float32 scores exceed this.
-_CHUNK_MIN_SCORE_BYTES = 1 << 19
+Implementation = Literal["xla", "blockwise", "cudnn", "pallas", "auto"]
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "blockwise", "cudnn", "pallas", "auto")
 
 _F32 = jnp.float32
 
@@ -156,157 +156,6 @@ def scaled_dot_product_attention(q, k, v, mask=None, bias=None):
 
 
 # --------------------------------------------------------------------------------------
-# The chunked one-head function: query blocks + a recomputing custom VJP.
-# --------------------------------------------------------------------------------------
-
-
-def _pad_rows(x, rows):
-    """Pads axis 0 of x to `rows` rows (zeros, or True for bool)."""
-    if x.shape[0] == rows:
-        return x
-    pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(x, pad, constant_values=True if x.dtype == jnp.bool_ else 0)
-
-
-def _blocks(x, n, block):
-    """[T, ...] -> [n, block, ...] (T padded up to n*block)."""
-    return _pad_rows(x, n * block).reshape(n, block, *x.shape[1:])
-
-
-def _row_blocks(x, T, n, block):
-    """Splits a per-row operand ([T, ...]) into query blocks; one broadcast over rows ([1, ...]
-    or None) is left whole. Returns (blocked_or_None, whole_or_None)."""
-    if x is None or x.shape[0] != T or T == 1:
-        return None, x
-    return _blocks(x, n, block), None
-
-
-def _chunked_forward(q, k, v, mask, bias, key, *, block, scale, precision, dropout_rate,
-                     want_weights):  # fmt: skip
-    """The four steps over query blocks of one head, with plain autodiff.
-
-    q [T, H], k [S, H], v [S, V], mask [T|1, S|1] or None, bias likewise, key: dropout key
-    or None. Returns out [T, V] f32, lse [T] f32, weights [T, S] f32 or None.
-    """
-    T, S = q.shape[0], k.shape[0]
-    n = -(-T // block)
-    mask_b, mask_w = _row_blocks(mask, T, n, block)
-    bias_b, bias_w = _row_blocks(bias, T, n, block)
-
-    def one_block(i, qb, mb, bb):
-        keep = None
-        if key is not None:
-            kept = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout_rate, (block, S))
-            keep = kept.astype(_acc_dtype(q)) / (1.0 - dropout_rate)  # [block, S]
-        return _attend(
-            qb,
-            k,
-            v,
-            mask_w if mb is None else mb,
-            bias_w if bb is None else bb,
-            keep,
-            scale=scale,
-            precision=precision,
-            want_weights=want_weights,
-        )
-
-    if n == 1:
-        out, lse, w = one_block(0, _pad_rows(q, block), _first(mask_b), _first(bias_b))
-        return out[:T], lse[:T], None if w is None else w[:T]
-    out, lse, w = lax.map(
-        lambda xs: one_block(*xs), (jnp.arange(n), _blocks(q, n, block), mask_b, bias_b)
-    )
-    out = out.reshape(n * block, -1)[:T]  # [T, V]
-    lse = lse.reshape(n * block)[:T]  # [T]
-    if w is not None:
-        w = w.reshape(n * block, S)[:T]  # [T, S]
-    return out, lse, w
-
-
-def _first(x):
-    return None if x is None else x[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q, k, v, mask, block, scale, precision):
-    """Chunked attention of one head (no bias, no dropout): out [T, V] float32."""
-    out, _, _ = _chunked_attention_fwd_impl(q, k, v, mask, block, scale, precision)
-    return out
-
-
-def _chunked_attention_fwd_impl(q, k, v, mask, block, scale, precision):
-    return _chunked_forward(
-        q, k, v, mask, None, None, block=block, scale=scale, precision=precision,
-        dropout_rate=0.0, want_weights=False,
-    )  # fmt: skip
-
-
-def _chunked_attention_fwd(q, k, v, mask, block, scale, precision):
-    out, lse, _ = _chunked_attention_fwd_impl(q, k, v, mask, block, scale, precision)
-    return out, (q, k, v, mask, out, lse)
-
-
-def _chunked_attention_bwd(block, scale, precision, res, d_out):
-    """Backward of softmax attention from the saved row statistics.
-
-    With P = exp(logits - lse) recomputed per block:
-      dV = Pᵀ·dO,  dP = dO·Vᵀ,  dL = P ∘ (dP - rowsum(dO ∘ O)),  dQ = scale·dL·K,
-      dK = scale·dLᵀ·Q.
-    """
-    q, k, v, mask, out, lse = res
-    T = q.shape[0]
-    n = -(-T // block)
-    acc = _acc_dtype(q)
-    d_out = d_out.astype(acc)
-    delta = jnp.sum(d_out * out, axis=-1)  # [T]
-    mask_b, mask_w = _row_blocks(mask, T, n, block)
-    # Padded query rows have q = 0, dO = 0, lse = 0, delta = 0: they add nothing below.
-    mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=acc)
-
-    def body(carry, xs):
-        dk, dv = carry
-        qb, dob, lse_b, delta_b, mb = xs
-        logits = mm("TH,SH->TS", qb, k) * scale  # [c, S]
-        m = mask_w if mb is None else mb
-        if m is not None:
-            logits = jnp.where(m, logits, -jnp.inf)
-        p = jnp.exp(logits - lse_b[:, None])  # [c, S]; masked or fully masked rows -> 0
-        dv = dv + mm("TS,TV->SV", p.astype(v.dtype), dob.astype(v.dtype))  # [S, V]
-        dp = mm("TV,SV->TS", dob.astype(v.dtype), v)  # [c, S]
-        dl = (p * (dp - delta_b[:, None])).astype(q.dtype)  # [c, S]
-        dq = mm("TS,SH->TH", dl, k) * scale  # [c, H]
-        dk = dk + mm("TS,TH->SH", dl, qb)  # [S, H]
-        return (dk, dv), dq
-
-    init = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-    xs = (
-        _blocks(q, n, block),
-        _blocks(d_out, n, block),
-        _blocks(lse, n, block),
-        _blocks(delta, n, block),
-        mask_b,
-    )
-    if n == 1:
-        (dk, dv), dq = body(init, jax.tree.map(lambda x: x[0], xs))
-        dq = dq[None]
-    else:
-        (dk, dv), dq = lax.scan(body, init, xs)
-    dq = dq.reshape(n * block, -1)[:T]
-    return dq.astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype), None
-
-
-_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
-
-
-def chunk_plan(T: int, S: int, num_groups: int) -> tuple[int, int]:
-    """(query block, heads per step) for the chunked path: the float32 scores of one step,
-    ``heads_per_step × block × S × 4`` bytes, should fit the cache budget."""
-    block = T if T <= _CHUNK_QUERY_BLOCK else _CHUNK_QUERY_BLOCK
-    heads = max(1, _CHUNK_BUDGET_BYTES // (block * S * 4))
-    return block, min(heads, num_groups)
-
-
-# --------------------------------------------------------------------------------------
 # Multi-head attention over [..., T, N, H].
 # --------------------------------------------------------------------------------------
 
@@ -327,6 +176,8 @@ def dot_product_attention(
     implementation: Implementation | None = None,
     return_weights: bool = False,
     module: Any = None,
+    is_causal: bool = False,
+    key_value_seq_lengths=None,
 ):
     """Multi-head scaled dot-product attention: the one-head function over heads and batch.
 
@@ -346,11 +197,16 @@ def dot_product_attention(
       deterministic: if True (the default), no dropout.
       dtype: computation dtype (default: the promoted dtype of query, key, value).
       precision: matmul precision (``jax.lax.Precision``), as in flax.
-      implementation: ``'xla'``, ``'chunked'`` or None (``'chunked'`` on CPU when a
-        head's float32 scores exceed 512 KiB, else ``'xla'``); see the module docstring.
+      implementation: ``'xla'``, ``'blockwise'``, ``'cudnn'``, ``'pallas'``, or
+        None/``'auto'`` for the fastest valid one (see the module docstring). An explicit
+        choice that cannot run this call raises a ValueError saying why.
       return_weights: also return the attention weights ``[..., N, T, S]`` (before dropout),
         computed by the same code path, e.g. for visualisation.
       module: a Flax module to ``sow`` the weights into (``intermediates/attention_weights``).
+      is_causal: query t attends only keys s <= t (top-left aligned when T != S, as in
+        ``jax.nn.dot_product_attention``); combined with ``mask`` if both are given.
+      key_value_seq_lengths: optional int ``[...]`` (the batch dims): keys at or past the
+        length are masked (right padding).
 
     Returns:
       ``out [..., T, N, V]`` in ``dtype``, or ``(out, weights)`` with ``return_weights``.
@@ -371,27 +227,42 @@ def dot_product_attention(
     legend = "[..., N, T, S]"
     mask = _check_mask(name, mask, target, legend)
     bias = _check_bias(name, bias, target, legend)
-    impl = _resolve_implementation(name, implementation, T, S)
+    lengths = _check_lengths(name, key_value_seq_lengths, tuple(batch))
     dropout = _check_dropout(name, dropout_rate, deterministic, dropout_rng)
     want_weights = return_weights or module is not None
-
-    # Heads first: [..., T, N, H] -> [..., N, T, H].
-    q, k, v = (jnp.swapaxes(x.astype(dtype), -3, -2) for x in (query, key, value))
+    impl = _resolve_implementation(
+        name, implementation, q_shape=query.shape, k_shape=key.shape, v_shape=value.shape,
+        dtype=dtype, has_mask=mask is not None, has_bias=bias is not None,
+        is_causal=bool(is_causal), has_lengths=lengths is not None, dropout=dropout,
+        want_weights=want_weights,
+    )  # fmt: skip
     mask = None if mask is None else _lead_pad(mask, len(target))  # [*b|1, N|1, T|1, S|1]
     bias = None if bias is None else _lead_pad(bias, len(target))
     scale = 1.0 / math.sqrt(H)
 
-    if impl == "xla":
-        out, weights = _xla_path(
-            q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout,
-            scale=scale, precision=precision, want_weights=want_weights,
-        )  # fmt: skip
-    else:
-        out, weights = _chunked_path(
-            q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout,
-            scale=scale, precision=precision, want_weights=want_weights,
-        )  # fmt: skip
+    if impl in ("cudnn", "pallas"):
+        q, k, v = (x.astype(dtype) for x in (query, key, value))
+        return _kernel_path(impl, q, k, v, mask, bias, lengths, is_causal=bool(is_causal),
+                            scale=scale)  # fmt: skip
 
+    # Heads first: [..., T, N, H] -> [..., N, T, H].
+    q, k, v = (jnp.swapaxes(x.astype(dtype), -3, -2) for x in (query, key, value))
+    if impl == "blockwise":
+        out = blockwise.blockwise_attention(
+            q, k, v, mask, bias, scale=scale, is_causal=bool(is_causal),
+            kv_lengths=None if lengths is None else lengths[..., None],  # [*b, N=1]
+            dropout_rate=dropout, dropout_rng=dropout_rng,
+            broadcast_dropout=broadcast_dropout, precision=precision,
+        )  # fmt: skip
+        return jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, V]
+
+    structural = _structural_mask(T, S, bool(is_causal), lengths, len(target))
+    if structural is not None:
+        mask = structural if mask is None else jnp.logical_and(mask, structural)
+    out, weights = _xla_path(
+        q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout,
+        scale=scale, precision=precision, want_weights=want_weights,
+    )  # fmt: skip
     out = jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, V]
     if want_weights:
         weights = weights.astype(dtype)  # [..., N, T, S]
@@ -400,6 +271,44 @@ def dot_product_attention(
         if return_weights:
             return out, weights
     return out
+
+
+def _structural_mask(T, S, is_causal, lengths, rank):
+    """The causal and key-length masks as one bool [*b|1, 1, T|1, S] array (None if neither)."""
+    mask = None
+    if is_causal:  # top-left aligned: query t sees keys s <= t
+        mask = _lead_pad(jnp.arange(T)[:, None] >= jnp.arange(S)[None, :], rank)
+    if lengths is not None:
+        keys = _lead_pad(jnp.arange(S), rank) < lengths[..., None, None, None]  # [*b, 1, 1, S]
+        mask = keys if mask is None else jnp.logical_and(mask, keys)
+    return mask
+
+
+def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
+    """A fused kernel on [B, T, N, H] (the batch dims flattened into one B)."""
+    from attention_jax import kernels
+
+    *batch, T, N, H = q.shape
+    B = math.prod(batch)
+    S, V = k.shape[-3], v.shape[-1]
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, S, N, H), v.reshape(B, S, N, v.shape[-1])
+
+    def flat(x):  # [*b|1, N|1, T|1, S|1] -> [B|1, N|1, T|1, S|1]
+        if x is None:
+            return None
+        if all(d == 1 for d in x.shape[: len(batch)]):
+            return x.reshape(1, *x.shape[len(batch) :])
+        return jnp.broadcast_to(x, (*batch, *x.shape[len(batch) :])).reshape(B, *x.shape[-3:])
+
+    lengths = None if lengths is None else lengths.reshape(B)
+    if impl == "cudnn":
+        out = kernels.cudnn_attention(q, k, v, bias=flat(bias), mask=flat(mask),
+                                      is_causal=is_causal, key_value_seq_lengths=lengths,
+                                      scale=scale)  # fmt: skip
+    else:
+        out = kernels.pallas_attention(q, k, v, is_causal=is_causal,
+                                       key_value_seq_lengths=lengths, scale=scale)  # fmt: skip
+    return out.reshape(*batch, T, N, V).astype(q.dtype)
 
 
 def _xla_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale, precision,
@@ -438,55 +347,6 @@ def _vmap_leading(fn, args, lead):
     inner = functools.partial(_vmap_leading, fn, lead=lead[1:])
     mapped = jax.vmap(lambda *xs: inner(xs), in_axes=tuple(axes), axis_size=lead[0])
     return mapped(*squeezed)
-
-
-def _chunked_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale, precision,
-                  want_weights):  # fmt: skip
-    """The one-head function in query blocks, over groups of heads in sequence."""
-    lead = q.shape[:-2]  # (*batch, N)
-    T, H, S, V = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
-    G = math.prod(lead)
-    qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, V)
-    mask_flat, mask_idx = _flatten_lead(mask, lead)
-    bias_flat, bias_idx = _flatten_lead(bias, lead)
-    block, heads_per_step = chunk_plan(T, S, G)
-    fast = bias is None and not dropout and not want_weights
-
-    def head(xs):
-        g, q1, k1, v1 = xs
-        m1 = None if mask is None else mask_flat[mask_idx[g]]  # [T|1, S|1]
-        if fast:
-            return _chunked_attention(q1, k1, v1, m1, block, scale, precision), None
-        b1 = None if bias is None else bias_flat[bias_idx[g]]
-        key = None
-        if dropout:
-            key = rng if broadcast_dropout else jax.random.fold_in(rng, g)
-        out, _, w = _chunked_forward(
-            q1, k1, v1, m1, b1, key, block=block, scale=scale, precision=precision,
-            dropout_rate=dropout, want_weights=want_weights,
-        )  # fmt: skip
-        return out, w
-
-    if G == 1:
-        out, w = head((0, qg[0], kg[0], vg[0]))
-        out, w = out[None], None if w is None else w[None]
-    else:
-        out, w = lax.map(head, (jnp.arange(G), qg, kg, vg), batch_size=heads_per_step)
-    out = out.reshape(*lead, T, V)
-    return out, None if w is None else w.reshape(*lead, T, S)
-
-
-def _flatten_lead(x, lead):
-    """x [*lead|1, T|1, S|1] -> (x with its leading dims flattened, index array [G]) such that
-    x_flat[index[g]] is the [T|1, S|1] slice for the g-th (flattened) head."""
-    if x is None:
-        return None, None
-    lead_x = x.shape[: len(lead)]
-    flat = x.reshape(math.prod(lead_x), *x.shape[len(lead) :])
-    multi = np.unravel_index(np.arange(math.prod(lead)), lead)
-    multi = [m if size != 1 else np.zeros_like(m) for m, size in zip(multi, lead_x, strict=True)]
-    index = np.ravel_multi_index(multi, lead_x) if lead_x else np.zeros(1, np.int64)
-    return flat, jnp.asarray(index, jnp.int32)
 
 
 # --------------------------------------------------------------------------------------
@@ -569,6 +429,8 @@ def multi_head_attention(
     return_weights: bool = False,
     query_positions=None,
     key_positions=None,
+    is_causal: bool = False,
+    key_value_seq_lengths=None,
 ):
     """MultiHead(Q, K, V) = Concat(head_1..head_N)·W_O with head_i = Attention(Q·W_Qi, K·W_Ki,
     V·W_Vi), as a pure function of a params pytree (see :func:`init_multi_head_attention`).
@@ -579,7 +441,7 @@ def multi_head_attention(
       inputs_kv: ``[..., S, Dkv]`` (default: ``inputs_q``, i.e. self-attention).
       num_heads: N; must match the params.
       mask, bias, dropout_*, deterministic, dtype, precision, implementation,
-      return_weights: as in :func:`dot_product_attention`.
+      return_weights, is_causal, key_value_seq_lengths: as in :func:`dot_product_attention`.
       query_positions, key_positions: integer ``[..., T]`` and ``[..., S]``; when given, the
         projected queries and keys are rotated by
         :func:`attention_jax.positional.apply_rotary_embedding` (rotary positions).
@@ -604,7 +466,8 @@ def multi_head_attention(
     result = dot_product_attention(
         q, k, v, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
         deterministic=deterministic, dtype=dtype, precision=precision,
-        implementation=implementation, return_weights=return_weights,
+        implementation=implementation, return_weights=return_weights, is_causal=is_causal,
+        key_value_seq_lengths=key_value_seq_lengths,
     )  # fmt: skip
     heads, weights = result if return_weights else (result, None)
     out = merge_heads(params["out"], heads, dtype=dtype, precision=precision)  # [..., T, Dout]
@@ -708,18 +571,60 @@ def _lead_pad(x, rank):
     return x.reshape((1,) * (rank - x.ndim) + x.shape)
 
 
-def _resolve_implementation(name, implementation, T, S) -> str:
-    if implementation is None:
-        # Chunking pays on CPU once a head's scores outgrow the cache; below that the one
-        # batched XLA computation has less overhead (BUILD_NOTES.md, T = 128 and 256).
-        big = T * S * 4 > _CHUNK_MIN_SCORE_BYTES
-        return "chunked" if big and jax.default_backend() == "cpu" else "xla"
-    if implementation not in IMPLEMENTATIONS:
+def _check_lengths(name, lengths, batch):
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(
+            f"{name}: key_value_seq_lengths must be an integer array, got dtype {lengths.dtype}"
+        )
+    if lengths.shape != batch:
+        raise ValueError(
+            f"{name}: key_value_seq_lengths must have the batch shape {batch} of query "
+            f"[..., T, N, H], got {lengths.shape}"
+        )
+    return lengths.astype(jnp.int32)
+
+
+def _resolve_implementation(name, implementation, **call) -> str:
+    """The implementation that runs this call; an explicit one that cannot gets a ValueError.
+
+    `call`: q_shape, k_shape, v_shape, dtype, has_mask, has_bias, is_causal, has_lengths,
+    dropout, want_weights (what :func:`attention_jax.kernels.unsupported_reason` takes).
+    """
+    if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(
             f"{name}: implementation must be one of {IMPLEMENTATIONS} or None, "
             f"got {implementation!r}"
         )
-    return implementation
+    if implementation == "xla":
+        return "xla"
+    if implementation == "blockwise":
+        if call["want_weights"]:
+            raise ValueError(
+                f"{name}: implementation='blockwise' never forms the [T, S] weights, so it "
+                "cannot return or sow them; use implementation='xla' for weights"
+            )
+        return "blockwise"
+    if implementation in ("cudnn", "pallas"):
+        from attention_jax import kernels
+
+        reason = kernels.unsupported_reason(implementation, **call)
+        if reason is not None:
+            raise ValueError(f"{name}: implementation={implementation!r} cannot run here: {reason}")
+        return implementation
+    (T, N, _), S = call["q_shape"][-3:], call["k_shape"][-3]
+    backend = jax.default_backend()
+    reasons = {}
+    if backend in ("gpu", "tpu") and not call["want_weights"]:
+        from attention_jax import kernels
+
+        reasons = {nm: kernels.unsupported_reason(nm, **call) for nm in ("cudnn", "pallas")}
+    G = math.prod(call["q_shape"][:-3]) * N
+    return blockwise.choose_implementation(backend=backend, T=T, S=S, num_heads=G,
+                                           want_weights=call["want_weights"],
+                                           kernel_reasons=reasons)  # fmt: skip
 
 
 def _check_dropout(name, rate, deterministic, rng) -> float:
@@ -767,7 +672,6 @@ def _check_mha_params(name, params, num_heads, inputs_q, inputs_kv):
 __all__ = [
     "IMPLEMENTATIONS",
     "Implementation",
-    "chunk_plan",
     "dot_product_attention",
     "init_multi_head_attention",
     "multi_head_attention",

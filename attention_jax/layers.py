@@ -71,6 +71,7 @@ class MultiHeadAttention(nn.Module):
 
     config: TransformerConfig
     cross: bool = False  # attends to another sequence (the encoder output)
+    causal: bool = False  # query t sees keys <= t on top of `mask` (given as is_causal)
 
     @nn.compact
     def __call__(
@@ -122,6 +123,7 @@ class MultiHeadAttention(nn.Module):
             return_weights=capture,
             query_positions=positions,
             key_positions=kv_positions,
+            is_causal=self.causal,
         )
         if capture:
             result, weights = result
@@ -260,7 +262,7 @@ class DecoderLayer(nn.Module):
         decode: bool = False,
     ):
         cfg = self.config
-        attn = MultiHeadAttention(cfg, name="self_attention")
+        attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
         y = Residual(cfg, name="attention_block")(
             y,
             lambda h: attn(

@@ -19,7 +19,7 @@ import numpy as np
 
 from attention_jax.config import TransformerConfig
 from attention_jax.layers import DecoderLayer, Embedder, EncoderLayer, layer_norm
-from attention_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from attention_jax.masks import combine_masks, padding_mask, segment_mask
 from attention_jax.positional import sinusoidal_positional_encoding
 
 
@@ -168,10 +168,11 @@ class Decoder(nn.Module):
         decode: bool = False,
     ):
         cfg = self.config
-        T = decoder_inputs.shape[-1]
         valid = _valid(decoder_inputs, cfg, positions, segmentation)  # [B, T]
+        # Causality is not in the mask: the self-attention layers pass is_causal=True, which
+        # lets 'blockwise' skip the tiles above the diagonal and the fused kernels use their
+        # causal mode.
         self_mask = combine_masks(
-            causal_mask(T),
             (valid[:, :, None] & valid[:, None, :])[:, None],
             _same_segment(segmentation, segmentation),
         )  # [B, 1, T, T]

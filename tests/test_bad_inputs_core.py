@@ -204,7 +204,10 @@ CASES = [
         lambda q, k, v: dpa(q, k, v, implementation="flash"),
         (Q, K, V),
         ValueError,
-        _esc("implementation must be one of ('xla', 'chunked') or None, got 'flash'"),
+        _esc(
+            "implementation must be one of ('xla', 'blockwise', 'cudnn', 'pallas', 'auto') "
+            "or None, got 'flash'"
+        ),
     ),
     (
         "dpa-dropout-rate-one",
@@ -428,7 +431,7 @@ CASES = [
     ),
     (
         "mha-bad-implementation",
-        lambda p, x: mha(p, x, num_heads=4, implementation="pallas"),
+        lambda p, x: mha(p, x, num_heads=4, implementation="flash"),
         (PARAMS, X),
         ValueError,
         "implementation must be one of",
@@ -479,6 +482,7 @@ def test_valid_boundary_inputs_are_accepted(rng):
     bias = np.zeros((N, 1, 1), F32)
     out = dpa(q, k, v, mask=keys, bias=bias)
     assert rel_err(out, attention_f64(q, k, v, mask=keys)[0]) <= 1e-5
-    # None (the backend default) and each named implementation.
-    for impl in (None, *aj.IMPLEMENTATIONS):
+    # None / 'auto' (the backend default) and each implementation this device can run
+    # (the fused kernels' refusals on CPU are in tests/test_kernels.py).
+    for impl in (None, "auto", "xla", "blockwise"):
         assert rel_err(dpa(q, k, v, implementation=impl), ref) <= 1e-5

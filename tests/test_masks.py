@@ -13,7 +13,7 @@ from reference import attention_f64, rel_err
 
 import attention_jax as aj
 
-IMPLS = ["xla", "chunked"]
+IMPLS = ["xla", "blockwise"]
 F32_TOL = 1e-5
 T_, F_ = True, False
 

@@ -1,0 +1,416 @@
+"""Memory-efficient attention in pure JAX: blocks of queries and keys, an online softmax, and a
+custom VJP that recomputes block scores in the backward pass.
+
+Dense attention materialises the ``T × S`` scores: at T = 100,000 that is 40 GB per head in
+float32. Here each head is computed in tiles of ``query_block × key_block`` (the legend of
+:mod:`attention_jax.attention`: T queries, S keys, H head dim, V value dim, G heads):
+
+* **Forward.** For each block of queries, a loop over the key blocks keeps a running row max
+  ``m``, a running sum ``l`` of ``exp(logits - m)`` and a running output ``o``; when a new block
+  raises the max, ``l`` and ``o`` are rescaled by ``exp(m_old - m_new)`` (the online softmax of
+  Milakov & Gimelshein 2018, as in FlashAttention). At the end ``out = o / l`` and the row's
+  log-sum-exp ``lse = m + log l`` is kept: ``T`` floats instead of ``T × S``.
+* **Backward** (``jax.custom_vjp``). Each tile's weights are recomputed exactly as
+  ``P = exp(logits - lse)``; with ``delta = rowsum(dO ∘ O)``:
+  ``dV = Pᵀ·dO``, ``dP = dO·Vᵀ``, ``dL = P ∘ (dP - delta)``, ``dQ = scale·dL·K``,
+  ``dK = scale·dLᵀ·Q`` and ``dBias = dL``. The loop runs over key blocks (carrying that
+  block's ``dK``, ``dV``) and, inside, over query blocks (adding into one ``[T, H]`` ``dQ``).
+  Saved for the backward pass: q, k, v, out, lse — O(T), not O(T²).
+* **Skipping.** With ``is_causal`` a query block only visits the key blocks on or below the
+  diagonal (about half the tiles for T = S); with ``kv_lengths`` no block past a head's length
+  is visited. Masks and bias are sliced per tile from their broadcastable ``[T|1, S|1]`` form,
+  so a mask shared across rows (``[1, S]``) stays O(S).
+
+Causal masking is top-left aligned, as in ``jax.nn.dot_product_attention``: query ``t`` sees
+keys ``s <= t`` (for T = S that is the usual decoder mask).
+
+Heads run in groups (``lax.map`` with ``batch_size``: vmapped inside a group, groups in
+sequence) sized so one group's float32 tiles fit a per-backend budget: on CPU about the L2
+cache, which is also what makes this faster than dense XLA attention there (BUILD_NOTES.md).
+
+:func:`choose_implementation` is the policy behind ``implementation=None`` in
+:func:`attention_jax.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_F32 = jnp.float32
+
+# Tile sizes and the bytes of float32 tiles one step of the head map may hold, per backend.
+# CPU: 256 x 512 tiles (512 KiB) in groups within ~2 MiB of L2 (measured, BUILD_NOTES.md).
+# Accelerators: larger tiles, many heads at once (the pure-JAX path there is the fallback
+# for shapes the fused kernels refuse, and for memory; the kernels are the fast path).
+_BLOCKS = {"cpu": (256, 512), "gpu": (1024, 1024), "tpu": (1024, 1024)}
+_TILE_BUDGET_BYTES = {"cpu": 1 << 21, "gpu": 1 << 30, "tpu": 1 << 30}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static configuration of one blockwise attention call (hashable: a jit/VJP constant)."""
+
+    query_block: int
+    key_block: int
+    scale: float
+    causal: bool = False
+    dropout_rate: float = 0.0
+    precision: Any = None
+
+
+def default_plan(T: int, S: int, *, scale: float, causal: bool = False, dropout_rate: float = 0.0,
+                 precision=None, query_block: int | None = None, key_block: int | None = None,
+                 backend: str | None = None) -> Plan:  # fmt: skip
+    """The tile sizes for this backend, shrunk to T and S when those are shorter."""
+    qb, kb = _BLOCKS.get(backend or jax.default_backend(), _BLOCKS["gpu"])
+    qb, kb = query_block or qb, key_block or kb
+    for nm, b in (("query_block", qb), ("key_block", kb)):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise ValueError(f"blockwise attention: {nm} must be a positive int, got {b!r}")
+    return Plan(min(int(qb), T), min(int(kb), S), float(scale), bool(causal),
+                float(dropout_rate), precision)  # fmt: skip
+
+
+def heads_per_step(plan: Plan, num_heads: int, backend: str | None = None) -> int:
+    """How many heads one step of the head map runs (vmapped), within the tile budget."""
+    budget = _TILE_BUDGET_BYTES.get(backend or jax.default_backend(), 1 << 30)
+    return max(1, min(num_heads, budget // (plan.query_block * plan.key_block * 4)))
+
+
+# --------------------------------------------------------------------------------------
+# Tiles.
+# --------------------------------------------------------------------------------------
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pad_axis(x, axis, size, value):
+    """Pads `axis` of x up to `size` (an axis of size 1 is a broadcast and left alone)."""
+    if x is None or x.shape[axis] in (1, size):
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _tile(x, i, j, plan):
+    """The [query_block|1, key_block|1] tile (i, j) of a [T|1, S|1] mask or bias."""
+    if x is None:
+        return None
+    if x.shape[0] != 1:
+        x = lax.dynamic_slice_in_dim(x, i * plan.query_block, plan.query_block, 0)
+    if x.shape[1] != 1:
+        x = lax.dynamic_slice_in_dim(x, j * plan.key_block, plan.key_block, 1)
+    return x
+
+
+def _rows(x, i, block):
+    return lax.dynamic_slice_in_dim(x, i * block, block, 0)
+
+
+def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc):
+    """Scaled, biased, masked logits of tile (i, j), [qb, kb], and its dropout multiplier.
+
+    `limit` (traced int or None): keys at or past it are masked (key padding, tile padding).
+    """
+    qb, kb = plan.query_block, plan.key_block
+    s = jnp.einsum("TH,SH->TS", q_i, k_j, precision=plan.precision, preferred_element_type=acc)
+    s = s * plan.scale
+    b = _tile(bias, i, j, plan)
+    if b is not None:
+        s = s + b.astype(acc)
+    valid = _tile(mask, i, j, plan)
+    cols = j * kb + lax.broadcasted_iota(jnp.int32, (1, kb), 1)
+    if plan.causal:
+        rows = i * qb + lax.broadcasted_iota(jnp.int32, (qb, 1), 0)
+        valid = _and(valid, rows >= cols)
+    if limit is not None:
+        valid = _and(valid, cols < limit)
+    if valid is not None:
+        s = jnp.where(valid, s, -jnp.inf)
+    keep = None
+    if plan.dropout_rate:
+        tile_rng = jax.random.fold_in(jax.random.fold_in(rng, i), j)
+        kept = jax.random.bernoulli(tile_rng, 1.0 - plan.dropout_rate, (qb, kb))
+        keep = kept.astype(acc) / (1.0 - plan.dropout_rate)
+    return s, keep
+
+
+def _and(a, b):
+    return b if a is None else jnp.logical_and(a, b)
+
+
+def _key_limit(S, padded_S, kv_len):
+    """Keys at or past this index are masked (None when nothing is)."""
+    if kv_len is None:
+        return None if padded_S == S else S
+    return jnp.clip(kv_len, 0, S).astype(jnp.int32)
+
+
+def _key_blocks_end(plan, i, limit, nk):
+    """One past the last key block that query block i must visit."""
+    end = nk
+    if plan.causal:  # the block's last row, i*qb + qb - 1, sees keys up to that index
+        end = jnp.minimum(end, ((i + 1) * plan.query_block - 1) // plan.key_block + 1)
+    if limit is not None:
+        end = jnp.minimum(end, _cdiv(limit, plan.key_block))
+    return end
+
+
+def _query_blocks_start(plan, j, limit, nq):
+    """The first query block that key block j contributes to (nq: none)."""
+    start = (j * plan.key_block) // plan.query_block if plan.causal else 0
+    if limit is not None:
+        start = jnp.where(j * plan.key_block < limit, start, nq)
+    return start
+
+
+# --------------------------------------------------------------------------------------
+# One head: forward with online softmax, custom VJP.
+# --------------------------------------------------------------------------------------
+
+
+def _padded(plan, q, k, v, mask, bias):
+    nq, nk = _cdiv(q.shape[0], plan.query_block), _cdiv(k.shape[0], plan.key_block)
+    Tp, Sp = nq * plan.query_block, nk * plan.key_block
+    q, k, v = _pad_axis(q, 0, Tp, 0), _pad_axis(k, 0, Sp, 0), _pad_axis(v, 0, Sp, 0)
+    mask = _pad_axis(_pad_axis(mask, 0, Tp, True), 1, Sp, True)  # padded keys: see limit
+    bias = _pad_axis(_pad_axis(bias, 0, Tp, 0), 1, Sp, 0)
+    return nq, nk, q, k, v, mask, bias
+
+
+def _forward(plan, q, k, v, mask, bias, kv_len, rng):
+    """out [T, V] and lse [T] of one head, in the accumulation dtype."""
+    T, S, V = q.shape[0], k.shape[0], v.shape[1]
+    acc = jnp.promote_types(q.dtype, _F32)
+    nq, nk, qp, kp, vp, mask, bias = _padded(plan, q, k, v, mask, bias)
+    limit = _key_limit(S, kp.shape[0], kv_len)
+    qb, kb = plan.query_block, plan.key_block
+    mm = dict(precision=plan.precision, preferred_element_type=acc)
+
+    def query_block(i):
+        q_i = _rows(qp, i, qb)
+
+        def key_block(j, carry):
+            m, l, o = carry  # [qb], [qb], [qb, V]
+            s, keep = _logits(plan, q_i, _rows(kp, j, kb), mask, bias, rng, limit, i, j, acc)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # row masked so far: shift 0
+            p = jnp.exp(s - m_safe[:, None])  # [qb, kb]; masked -> exactly 0
+            alpha = jnp.exp(m - m_safe)  # rescales the old sums; m = -inf -> 0
+            l = l * alpha + jnp.sum(p, axis=-1)
+            p = p if keep is None else p * keep
+            pv = jnp.einsum("TS,SV->TV", p.astype(v.dtype), _rows(vp, j, kb), **mm)
+            return m_new, l, o * alpha[:, None] + pv
+
+        init = (jnp.full((qb,), -jnp.inf, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, V), acc))
+        m, l, o = lax.fori_loop(0, _key_blocks_end(plan, i, limit, nk), key_block, init)
+        seen = l > 0  # False for a row with every key masked: output 0, never 0/0
+        out = o / jnp.where(seen, l, 1.0)[:, None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return out, lse
+
+    if nq == 1:
+        out, lse = query_block(0)
+    else:
+        out, lse = lax.map(query_block, jnp.arange(nq))
+        out, lse = out.reshape(nq * qb, V), lse.reshape(nq * qb)
+    return out[:T], lse[:T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _head_attention(plan, q, k, v, mask, bias, kv_len, rng):
+    """Attention of one head: out [T, V] in the accumulation dtype."""
+    return _forward(plan, q, k, v, mask, bias, kv_len, rng)[0]
+
+
+def _head_attention_fwd(plan, q, k, v, mask, bias, kv_len, rng):
+    out, lse = _forward(plan, q, k, v, mask, bias, kv_len, rng)
+    return out, (q, k, v, mask, bias, kv_len, rng, out, lse)
+
+
+def _head_attention_bwd(plan, res, d_out):
+    q, k, v, mask, bias, kv_len, rng, out, lse = res
+    T, S, H, V = q.shape[0], k.shape[0], q.shape[1], v.shape[1]
+    acc = jnp.promote_types(q.dtype, _F32)
+    nq, nk, qp, kp, vp, maskp, biasp = _padded(plan, q, k, v, mask, bias)
+    limit = _key_limit(S, kp.shape[0], kv_len)
+    qb, kb = plan.query_block, plan.key_block
+    mm = dict(precision=plan.precision, preferred_element_type=acc)
+    d_out = d_out.astype(acc)
+    delta = jnp.sum(d_out * out.astype(acc), axis=-1)  # [T]
+    # Padded query rows: q = 0, dO = 0, delta = 0: they add nothing.
+    dop = _pad_axis(d_out, 0, nq * qb, 0).astype(v.dtype)
+    lsep, deltap = _pad_axis(lse, 0, nq * qb, 0), _pad_axis(delta, 0, nq * qb, 0)
+
+    def key_block(carry, j):
+        dq, dbias = carry  # [Tp, H] acc, bias-shaped acc or None
+        k_j, v_j = _rows(kp, j, kb), _rows(vp, j, kb)
+
+        def query_block(i, inner):
+            dq, dbias, dk, dv = inner
+            q_i, do_i = _rows(qp, i, qb), _rows(dop, i, qb)
+            s, keep = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc)
+            p = jnp.exp(s - _rows(lsep, i, qb)[:, None])  # [qb, kb]
+            pd = p if keep is None else p * keep
+            dv = dv + jnp.einsum("TS,TV->SV", pd.astype(v.dtype), do_i, **mm)
+            dp = jnp.einsum("TV,SV->TS", do_i, v_j, **mm)
+            dp = dp if keep is None else dp * keep
+            dl = p * (dp - _rows(deltap, i, qb)[:, None])  # [qb, kb]
+            dq_i = jnp.einsum("TS,SH->TH", dl.astype(q.dtype), k_j, **mm) * plan.scale
+            dq = lax.dynamic_update_slice_in_dim(dq, _rows(dq, i, qb) + dq_i, i * qb, 0)
+            dk = dk + jnp.einsum("TS,TH->SH", dl.astype(q.dtype), q_i, **mm)
+            if dbias is not None:
+                dbias = _add_tile(dbias, dl, i, j, plan)
+            return dq, dbias, dk, dv
+
+        init = (dq, dbias, jnp.zeros((kb, H), acc), jnp.zeros((kb, V), acc))
+        start = _query_blocks_start(plan, j, limit, nq)
+        dq, dbias, dk, dv = lax.fori_loop(start, nq, query_block, init)
+        return (dq, dbias), (dk * plan.scale, dv)
+
+    dbias0 = None if bias is None else jnp.zeros(biasp.shape, acc)
+    init = (jnp.zeros((nq * qb, H), acc), dbias0)
+    (dq, dbias), (dk, dv) = lax.scan(key_block, init, jnp.arange(nk))
+    dk, dv = dk.reshape(nk * kb, H)[:S], dv.reshape(nk * kb, V)[:S]
+    if dbias is not None:
+        dbias = dbias[: bias.shape[0], : bias.shape[1]].astype(bias.dtype)
+    return dq[:T].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias, None, None
+
+
+def _add_tile(dbias, dl, i, j, plan):
+    """Adds tile (i, j) of dLogits into dbias, summed over the axes the bias broadcasts."""
+    if dbias.shape[0] == 1:
+        dl = jnp.sum(dl, axis=0, keepdims=True)
+    if dbias.shape[1] == 1:
+        dl = jnp.sum(dl, axis=1, keepdims=True)
+    r0 = 0 if dbias.shape[0] == 1 else i * plan.query_block
+    c0 = 0 if dbias.shape[1] == 1 else j * plan.key_block
+    old = lax.dynamic_slice(dbias, (r0, c0), dl.shape)
+    return lax.dynamic_update_slice(dbias, old + dl, (r0, c0))
+
+
+_head_attention.defvjp(_head_attention_fwd, _head_attention_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# Many heads.
+# --------------------------------------------------------------------------------------
+
+
+def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causal: bool = False,
+                        kv_lengths=None, dropout_rate: float = 0.0, dropout_rng=None,
+                        broadcast_dropout: bool = True, precision=None,
+                        query_block: int | None = None, key_block: int | None = None):  # fmt: skip
+    """Blockwise attention over every head, in the heads-first layout.
+
+    Inputs are already validated (use :func:`attention_jax.dot_product_attention` with
+    ``implementation='blockwise'`` for the checked ``[..., T, N, H]`` interface).
+
+    Args:
+      q: ``[*lead, T, H]``; k: ``[*lead, S, H]``; v: ``[*lead, S, V]``, lead = (*batch, N).
+      mask: bool ``[*lead|1, T|1, S|1]`` (True = attend) or None.
+      bias: float ``[*lead|1, T|1, S|1]`` added to the scaled scores, or None.
+      scale: the logit scale, normally ``1/√H``.
+      is_causal: query t sees keys s <= t (top-left aligned), skipping tiles above the diagonal.
+      kv_lengths: int ``[*lead|1]``: keys at or past a head's length are masked and skipped.
+      dropout_rate, dropout_rng, broadcast_dropout: attention dropout; the same tile pattern
+        for every head when ``broadcast_dropout``.
+      precision: matmul precision.
+      query_block, key_block: tile sizes (default: per backend, see ``_BLOCKS``).
+
+    Returns:
+      ``[*lead, T, V]`` in the accumulation dtype (float32 for bf16/f16/f32 inputs).
+    """
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    mask, bias, kv_lengths = (
+        None if x is None else jnp.asarray(x) for x in (mask, bias, kv_lengths)
+    )
+    lead = q.shape[:-2]
+    T, H, S, V = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    G = math.prod(lead)
+    plan = default_plan(T, S, scale=scale, causal=is_causal, dropout_rate=dropout_rate,
+                        precision=precision, query_block=query_block,
+                        key_block=key_block)  # fmt: skip
+    qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, V)
+    mask_flat, mask_idx = flatten_lead(mask, lead)
+    bias_flat, bias_idx = flatten_lead(bias, lead)
+    len_flat, len_idx = flatten_lead(kv_lengths, lead)
+
+    def head(xs):
+        g, q1, k1, v1 = xs
+        m1 = None if mask is None else mask_flat[mask_idx[g]]  # [T|1, S|1]
+        b1 = None if bias is None else bias_flat[bias_idx[g]]
+        n1 = None if kv_lengths is None else len_flat[len_idx[g]]  # scalar
+        r1 = None
+        if dropout_rate:
+            r1 = dropout_rng if broadcast_dropout else jax.random.fold_in(dropout_rng, g)
+        return _head_attention(plan, q1, k1, v1, m1, b1, n1, r1)
+
+    if G == 1:
+        out = head((0, qg[0], kg[0], vg[0]))[None]
+    else:
+        xs = (jnp.arange(G), qg, kg, vg)
+        out = lax.map(head, xs, batch_size=heads_per_step(plan, G))
+    return out.reshape(*lead, T, V)
+
+
+def flatten_lead(x, lead):
+    """x [*lead|1, ...] -> (x with its leading dims flattened, index array [G]) such that
+    ``x_flat[index[g]]`` is the slice for the g-th (flattened) head."""
+    if x is None:
+        return None, None
+    lead_x = x.shape[: len(lead)]
+    flat = x.reshape(math.prod(lead_x), *x.shape[len(lead) :])
+    multi = np.unravel_index(np.arange(math.prod(lead)), lead)
+    multi = [m if size != 1 else np.zeros_like(m) for m, size in zip(multi, lead_x, strict=True)]
+    index = np.ravel_multi_index(multi, lead_x) if lead_x else np.zeros(1, np.int64)
+    return flat, jnp.asarray(index, jnp.int32)
+
+
+# --------------------------------------------------------------------------------------
+# Which implementation runs a call (implementation=None / 'auto').
+# --------------------------------------------------------------------------------------
+
+# On CPU, blockwise beats one dense XLA computation once a head's float32 scores outgrow the
+# cache (BUILD_NOTES.md: T = 128 and 256 dense wins, 512 and up blockwise wins).
+_CPU_BLOCKWISE_MIN_SCORE_BYTES = 1 << 19
+# On accelerators without a usable fused kernel, dense attention until all heads' float32
+# scores would take this much memory.
+_DENSE_MAX_SCORE_BYTES = 1 << 30
+# Order of preference among the fused kernels on GPU (measured on an H200, BUILD_NOTES.md).
+GPU_KERNEL_PREFERENCE = ("cudnn", "pallas")
+
+
+def choose_implementation(*, backend: str, T: int, S: int, num_heads: int, want_weights: bool,
+                          kernel_reasons: dict[str, str | None]) -> str:  # fmt: skip
+    """The implementation ``None``/``'auto'`` runs.
+
+    Args:
+      backend: ``jax.default_backend()``.
+      T, S: query and key lengths; num_heads: batch × heads (G).
+      want_weights: the caller needs the ``[T, S]`` weights (only ``'xla'`` has them).
+      kernel_reasons: for ``'cudnn'`` and ``'pallas'``, None if the kernel can run this call,
+        else why not (:func:`attention_jax.kernels.unsupported_reason`).
+    """
+    if want_weights:
+        return "xla"
+    if backend == "gpu":
+        for name in GPU_KERNEL_PREFERENCE:
+            if kernel_reasons.get(name, "") is None:
+                return name
+    if backend == "tpu" and kernel_reasons.get("pallas", "") is None:
+        return "pallas"
+    if backend == "cpu":
+        return "blockwise" if T * S * 4 > _CPU_BLOCKWISE_MIN_SCORE_BYTES else "xla"
+    return "blockwise" if num_heads * T * S * 4 > _DENSE_MAX_SCORE_BYTES else "xla"
