@@ -118,10 +118,12 @@ def _rows(x, i, block):
     return lax.dynamic_slice_in_dim(x, i * block, block, 0)
 
 
-def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc):
+def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, *, edge=True):
     """Scaled, biased, masked logits of tile (i, j), [qb, kb], and its dropout multiplier.
 
     `limit` (traced int or None): keys at or past it are masked (key padding, tile padding).
+    `edge`: the tile may cross the diagonal or the limit, so causality and the limit are
+    applied; False for the tiles the loop bounds know to be wholly visible (most of them).
     """
     qb, kb = plan.query_block, plan.key_block
     s = jnp.einsum("TH,SH->TS", q_i, k_j, precision=plan.precision, preferred_element_type=acc)
@@ -131,10 +133,10 @@ def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc):
         s = s + b.astype(acc)
     valid = _tile(mask, i, j, plan)
     cols = j * kb + lax.broadcasted_iota(jnp.int32, (1, kb), 1)
-    if plan.causal:
+    if plan.causal and edge:
         rows = i * qb + lax.broadcasted_iota(jnp.int32, (qb, 1), 0)
         valid = _and(valid, rows >= cols)
-    if limit is not None:
+    if limit is not None and edge:
         valid = _and(valid, cols < limit)
     if valid is not None:
         s = jnp.where(valid, s, -jnp.inf)
@@ -165,6 +167,28 @@ def _key_blocks_end(plan, i, limit, nk):
     if limit is not None:
         end = jnp.minimum(end, _cdiv(limit, plan.key_block))
     return end
+
+
+def _key_blocks_whole(plan, i, limit, end):
+    """Key blocks [0, this) are wholly visible to every row of query block i (no causal or
+    length masking needed); blocks [this, end) need it."""
+    whole = end
+    if plan.causal:  # block j's last key, (j+1)*kb - 1, is <= the block's first row i*qb
+        whole = jnp.minimum(whole, (i * plan.query_block + 1) // plan.key_block)
+    if limit is not None:
+        whole = jnp.minimum(whole, limit // plan.key_block)
+    return whole
+
+
+def _query_blocks_whole(plan, j, limit, start, nq):
+    """Query blocks [this, nq) see every key of key block j (blocks [start, this) need
+    causal or length masking)."""
+    whole = start
+    if plan.causal:  # the block's first row i*qb is >= the key block's last key
+        whole = jnp.maximum(whole, _cdiv((j + 1) * plan.key_block - 1, plan.query_block))
+    if limit is not None:  # a key block crossing the limit is masked for every query
+        whole = jnp.where((j + 1) * plan.key_block <= limit, whole, nq)
+    return jnp.minimum(whole, nq)
 
 
 def _query_blocks_start(plan, j, limit, nq):
@@ -201,9 +225,10 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
     def query_block(i):
         q_i = _rows(qp, i, qb)
 
-        def key_block(j, carry):
+        def key_block(j, carry, edge):
             m, l, o = carry  # [qb], [qb], [qb, V]
-            s, keep = _logits(plan, q_i, _rows(kp, j, kb), mask, bias, rng, limit, i, j, acc)
+            k_j = _rows(kp, j, kb)
+            s, keep = _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, edge=edge)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # row masked so far: shift 0
             p = jnp.exp(s - m_safe[:, None])  # [qb, kb]; masked -> exactly 0
@@ -214,7 +239,10 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
             return m_new, l, o * alpha[:, None] + pv
 
         init = (jnp.full((qb,), -jnp.inf, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, V), acc))
-        m, l, o = lax.fori_loop(0, _key_blocks_end(plan, i, limit, nk), key_block, init)
+        end = _key_blocks_end(plan, i, limit, nk)
+        whole = _key_blocks_whole(plan, i, limit, end)
+        carry = lax.fori_loop(0, whole, functools.partial(key_block, edge=False), init)
+        m, l, o = lax.fori_loop(whole, end, functools.partial(key_block, edge=True), carry)
         seen = l > 0  # False for a row with every key masked: output 0, never 0/0
         out = o / jnp.where(seen, l, 1.0)[:, None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -257,10 +285,10 @@ def _head_attention_bwd(plan, res, d_out):
         dq, dbias = carry  # [Tp, H] acc, bias-shaped acc or None
         k_j, v_j = _rows(kp, j, kb), _rows(vp, j, kb)
 
-        def query_block(i, inner):
+        def query_block(i, inner, edge):
             dq, dbias, dk, dv = inner
             q_i, do_i = _rows(qp, i, qb), _rows(dop, i, qb)
-            s, keep = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc)
+            s, keep = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc, edge=edge)
             p = jnp.exp(s - _rows(lsep, i, qb)[:, None])  # [qb, kb]
             pd = p if keep is None else p * keep
             dv = dv + jnp.einsum("TS,TV->SV", pd.astype(v.dtype), do_i, **mm)
@@ -276,7 +304,11 @@ def _head_attention_bwd(plan, res, d_out):
 
         init = (dq, dbias, jnp.zeros((kb, H), acc), jnp.zeros((kb, V), acc))
         start = _query_blocks_start(plan, j, limit, nq)
-        dq, dbias, dk, dv = lax.fori_loop(start, nq, query_block, init)
+        whole = _query_blocks_whole(plan, j, limit, start, nq)
+        inner = lax.fori_loop(start, whole, functools.partial(query_block, edge=True), init)
+        dq, dbias, dk, dv = lax.fori_loop(
+            whole, nq, functools.partial(query_block, edge=False), inner
+        )
         return (dq, dbias), (dk * plan.scale, dv)
 
     dbias0 = None if bias is None else jnp.zeros(biasp.shape, acc)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from timing import median_seconds
 
 import attention_jax as aj
 
@@ -36,21 +35,6 @@ IMPLS = {
     "flax": lambda q, k, v: nn.dot_product_attention(q, k, v),
 }
 PEERS = ("jax_nn", "flax")
-
-
-def median_seconds(fns, args, repeats):
-    """Median wall time of each fn in `fns` (a dict), timed round-robin: every repeat runs each
-    competitor once in turn, so slow drifts of machine load hit all of them alike."""
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))  # compile
-        jax.block_until_ready(fn(*args))  # warm
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():

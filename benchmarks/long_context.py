@@ -78,6 +78,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from timing import median_seconds
+
 import attention_jax as aj
 from attention_jax import attention as aj_attention
 
@@ -148,21 +150,6 @@ def classify(exc):
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
         return "oom", f"{type(exc).__name__}: {first[:300]}"
     return "error", f"{type(exc).__name__}: {first[:300]}"
-
-
-def time_round_robin(fns, args, repeats, warmup=1):
-    """Median seconds of each compiled fn in `fns` (a dict), timed round-robin: each repeat
-    runs every competitor once in turn, so drifts of a shared machine's load hit all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def rss_kib():
@@ -505,7 +492,7 @@ def section_short(flags, rec):
         for pass_name in PASSES:
             variants = {i: (i, False, pass_name) for i in ("xla", "blockwise")}
             compiled, failed = compile_all(variants, args, table)
-            t = time_round_robin(compiled, args, repeats)
+            t = median_seconds(compiled, args, repeats, warmup=1)
             ratio = t["blockwise"] / t["xla"] if len(t) == 2 else None
             cells = [ms(t[i]) if i in t else failed[i] for i in variants]
             table.row([T, pass_name, *cells, "" if ratio is None else f"**{ratio:.2f}**"])
@@ -530,7 +517,7 @@ def section_causal(flags, rec):
         for pass_name in PASSES:
             variants = {c: ("blockwise", c == "causal", pass_name) for c in ("full", "causal")}
             compiled, failed = compile_all(variants, args, table)
-            t = time_round_robin(compiled, args, repeats)
+            t = median_seconds(compiled, args, repeats, warmup=1)
             ratio = t["causal"] / t["full"] if len(t) == 2 else None
             cells = [ms(t[c]) if c in t else failed[c] for c in variants]
             table.row([T, pass_name, *cells, "" if ratio is None else f"**{ratio:.2f}**"])
@@ -570,7 +557,7 @@ def fits_row(flags, rec):
     try:
         args = make_inputs(B, T, N, H, jnp.bfloat16, seed=T)
         compiled, res["compile_s"] = compile_step("blockwise", True, "fwd+bwd", args)
-        res["seconds"] = time_round_robin({"b": compiled}, args, 1, warmup=1)["b"]
+        res["seconds"] = median_seconds({"b": compiled}, args, 1, warmup=1)["b"]
         res["xla_temp_bytes"] = temp_bytes(compiled)
         res["device_peak_bytes"] = device_memory_stats().get("peak_bytes_in_use")
         res["status"] = "ok"
@@ -640,12 +627,14 @@ def section_gpu(flags, rec):
                         except Exception as exc:
                             cells[impl] = table.failed(*classify(exc))
                     try:
-                        t = time_round_robin(compiled, args, repeats)
+                        t = median_seconds(compiled, args, repeats, warmup=1)
                     except Exception:  # e.g. OOM at run time
                         t = {}
                         for impl in compiled:  # again one by one, to blame the right one
                             try:
-                                t.update(time_round_robin({impl: compiled[impl]}, args, repeats))
+                                t.update(
+                                    median_seconds({impl: compiled[impl]}, args, repeats, warmup=1)
+                                )
                             except Exception as exc:
                                 cells[impl] = table.failed(*classify(exc))
                     flops = attention_flops(B, T, T, N, H, causal, pass_name)

@@ -139,12 +139,20 @@ def test_visited_tiles_are_exactly_those_with_a_visible_key(causal):
         rows, cols = np.arange(nq * qb)[:, None], np.arange(nk * kb)[None, :]
         visible = (rows < T) & (cols < limit) & ((rows >= cols) if causal else True)
         needed = visible.reshape(nq, qb, nk, kb).any(axis=(1, 3))  # [nq, nk]
-        fwd = np.zeros((nq, nk), bool)
+        fwd, fwd_whole = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
         for i in range(nq):
-            fwd[i, : int(bw._key_blocks_end(plan, i, limit, nk))] = True
-        bwd = np.zeros((nq, nk), bool)
+            end = bw._key_blocks_end(plan, i, limit, nk)
+            fwd[i, : int(end)] = True
+            fwd_whole[i, : int(bw._key_blocks_whole(plan, i, limit, end))] = True
+        bwd, bwd_whole = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
         for j in range(nk):
-            bwd[int(bw._query_blocks_start(plan, j, limit, nq)) :, j] = True
+            start = bw._query_blocks_start(plan, j, limit, nq)
+            bwd[int(start) :, j] = True
+            bwd_whole[int(bw._query_blocks_whole(plan, j, limit, start, nq)) :, j] = True
+        # Tiles run without the causal / length mask must have every pair visible.
+        whole = np.where(rows < T, visible, True).reshape(nq, qb, nk, kb).all(axis=(1, 3))
+        assert np.all(whole[fwd_whole]) and np.all(whole[bwd_whole]), (T, S, qb, kb, length)
+        assert np.all(fwd[fwd_whole]) and np.all(bwd[bwd_whole])
         # Every needed tile is visited; a visited tile that is not needed may only be one
         # whose rows are all padding (T not a multiple of the query block).
         assert np.all(fwd[needed]) and np.all(bwd[needed])
@@ -153,8 +161,10 @@ def test_visited_tiles_are_exactly_those_with_a_visible_key(causal):
         assert not np.any(bwd & ~needed & real_rows), (T, S, qb, kb, length)
     if causal:  # T = S = 512 in 64 x 64 tiles: 36 of 64 tiles, about half
         plan = bw.Plan(query_block=64, key_block=64, scale=1.0, causal=True)
-        visited = sum(int(bw._key_blocks_end(plan, i, None, 8)) for i in range(8))
-        assert visited == 36
+        ends = [bw._key_blocks_end(plan, i, None, 8) for i in range(8)]
+        assert sum(map(int, ends)) == 36
+        # Only the 8 diagonal tiles pay for the causal mask.
+        assert sum(int(bw._key_blocks_whole(plan, i, None, e)) for i, e in enumerate(ends)) == 28
 
 
 def test_keys_past_the_length_are_never_read(rng):
