@@ -8,6 +8,7 @@ A batch is a dict of integer arrays ``{'inputs': [B, S], 'targets': [B, T]}`` fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -54,10 +55,17 @@ def make_optimizer(
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: updates done so far
+    step: jax.Array  # int32 scalar: steps taken so far (one batch each)
     params: Any
     opt_state: Any
     rng: jax.Array  # base dropout key (raw uint32 key data); step t uses fold_in(rng, t)
+    # Steps whose loss or gradient was NaN/Inf (their updates were not applied), and the
+    # first such step (-1: none). See train_step's `nonfinite`.
+    nonfinite_steps: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(0))
+    first_nonfinite_step: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
+
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 PACKING_KEYS = ("inputs_positions", "targets_positions", "inputs_segmentation",
@@ -95,6 +103,7 @@ def train_step(
     optimizer: optax.GradientTransformation,
     label_smoothing: float = 0.1,
     accum_steps: int = 1,
+    nonfinite: str = "stop",
 ) -> tuple[TrainState, dict]:
     """One optimizer update from `batch`, as a pure function.
 
@@ -102,9 +111,18 @@ def train_step(
     are accumulated (``lax.scan``), then divided by the total token count: the same update
     as one step on the whole batch, with 1/k of the activation memory.
 
-    Returns the new state and metrics ``{loss, accuracy, tokens, grad_norm}``
-    (loss = mean over non-padding target tokens).
+    A NaN/Inf loss or gradient norm is detected here, on the device: that step's update is
+    not applied, ``state.nonfinite_steps`` counts it and ``state.first_nonfinite_step``
+    keeps the first one. With ``nonfinite='stop'`` (the default) every later update is
+    withheld too, so the parameters stay those from before the first bad step until the
+    host, reading the metrics it fetches anyway, stops the run; with ``'skip'`` training
+    goes on without the bad updates.
+
+    Returns the new state and metrics ``{loss, accuracy, tokens, grad_norm,
+    nonfinite_steps, first_nonfinite_step}`` (loss = mean over non-padding target tokens).
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_sums(params, mb, key):
@@ -140,12 +158,27 @@ def train_step(
     grads = jax.tree.map(lambda g: g / denom, grads)  # d(mean loss)/d(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite if nonfinite == "skip" else finite & (state.nonfinite_steps == 0)
+    keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+    bad = jnp.logical_not(finite)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
+        first_nonfinite_step=jnp.where(
+            bad & (state.first_nonfinite_step < 0), state.step, state.first_nonfinite_step
+        ),
+    )
     metrics = {
         "loss": loss / denom,
         "accuracy": correct / denom,
         "tokens": tokens,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite_steps": new_state.nonfinite_steps,
+        "first_nonfinite_step": new_state.first_nonfinite_step,
     }
     return new_state, metrics
 

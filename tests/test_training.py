@@ -238,3 +238,44 @@ def test_bad_rules_and_batches():
     mesh = sharding.make_mesh(data=8)
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
         sharding.shard_batch({"inputs": np.zeros((6, 4), np.int32)}, mesh)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_updates_are_withheld_and_counted(policy):
+    """An Inf in one source-embedding row makes exactly the batches that contain that token
+    non-finite: their update is withheld and counted, on the device; 'stop' withholds every
+    later update too (the host stops the run), 'skip' goes on with the finite ones."""
+    cfg = aj.TransformerConfig.tiny(vocab_size=V, dropout_rate=0.0, share_embeddings=False)
+    mesh = _single_mesh()
+    model, opt, state, shard, batch = _setup(cfg, mesh)
+    poison = 5
+    table = state.params["embedding"]["embedding"]  # [V, D], source tokens only
+    params = jax.tree.map(lambda x: x, state.params)
+    params["embedding"]["embedding"] = table.at[poison].set(jnp.inf)
+    state = state.replace(params=params)
+    clean = dict(batch, inputs=np.where(batch["inputs"] == poison, 6, batch["inputs"]))
+    poisoned = dict(clean, inputs=clean["inputs"].copy())
+    poisoned["inputs"][0, 0] = poison
+    step = training.jit_train_step(model, opt, shard, mesh, nonfinite=policy)
+    host = lambda s: jax.tree.leaves(jax.device_get(s.params))  # noqa: E731  (state is donated)
+
+    s1, m1 = step(state, sharding.shard_batch(clean, mesh))
+    assert np.isfinite(float(m1["loss"])) and int(m1["nonfinite_steps"]) == 0
+    assert int(m1["first_nonfinite_step"]) == -1
+    before = host(s1)
+    s2, m2 = step(s1, sharding.shard_batch(poisoned, mesh))
+    assert not np.isfinite(float(m2["loss"]))
+    assert int(m2["nonfinite_steps"]) == 1 and int(m2["first_nonfinite_step"]) == 1
+    after_bad = host(s2)
+    for a, b in zip(after_bad, before, strict=True):
+        np.testing.assert_array_equal(a, b)  # the bad update was not applied
+    s3, m3 = step(s2, sharding.shard_batch(clean, mesh))
+    assert int(m3["nonfinite_steps"]) == 1 and int(m3["first_nonfinite_step"]) == 1
+    assert int(s3.step) == 3
+    changed = [not np.array_equal(a, b) for a, b in zip(host(s3), before, strict=True)]
+    if policy == "stop":  # frozen at the last good parameters until the host stops the run
+        assert not any(changed)
+    else:  # training goes on without the bad update
+        assert any(changed) and np.isfinite(float(m3["loss"]))
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        training.train_step(s3, clean, model=model, optimizer=opt, nonfinite="ignore")

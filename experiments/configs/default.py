@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_factor = 1.0
     config.clip_norm = 0.0  # 0 = no gradient clipping
     config.label_smoothing = 0.1
+    config.nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
     config.accum_steps = 1  # microbatches per step (gradient accumulation)
     config.log_every = 100
     config.eval_every = 600  # validation loss, accuracy, sacreBLEU and chrF (greedy)

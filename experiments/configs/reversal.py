@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_factor = 0.5
     config.clip_norm = 0.0  # 0 = no gradient clipping
     config.label_smoothing = 0.1
+    config.nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
     config.accum_steps = 1  # microbatches per step (gradient accumulation)
     config.log_every = 100
     config.eval_every = 1000

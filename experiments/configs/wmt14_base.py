@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_factor = 1.0  # the paper's formula unscaled
     config.clip_norm = 0.0  # 0 = no gradient clipping (the paper does not clip)
     config.label_smoothing = 0.1  # epsilon_ls (section 5.4)
+    config.nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
     config.accum_steps = 1  # raise it to reach 25k tokens/step on fewer devices
     config.log_every = 100
     config.eval_every = 2000
