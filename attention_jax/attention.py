@@ -667,6 +667,16 @@ def _check_mha_params(name, params, num_heads, inputs_q, inputs_kv):
             f"{name}: inputs_kv must be [..., S, D={kk.shape[0]}] with the rank of inputs_q "
             f"{inputs_q.shape}, got {inputs_kv.shape}"
         )
+    for nm in ("query", "key", "value", "out"):
+        if "bias" not in params[nm]:
+            continue
+        kernel = params[nm]["kernel"]
+        want = kernel.shape[-1:] if nm == "out" else kernel.shape[1:]  # [Dout] or [N, H]
+        if tuple(jnp.shape(params[nm]["bias"])) != tuple(want):
+            raise ValueError(
+                f"{name}: params['{nm}']['bias'] must have shape {tuple(want)} to match its "
+                f"kernel {kernel.shape}, got {jnp.shape(params[nm]['bias'])}"
+            )
 
 
 __all__ = [

@@ -8,6 +8,7 @@ CPU experiments. Every preset takes `vocab_size` and keyword overrides, e.g.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -65,10 +66,18 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig: rotary positions need an even head dim, got {self.head_dim}"
             )
+        for name in ("share_embeddings", "pre_ln"):  # a string "False" would be truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"TransformerConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {rate}")
+            if not _is_real(rate) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {rate!r}")
+        eps = self.layer_norm_epsilon
+        if not _is_real(eps) or not eps > 0:
+            raise ValueError(f"TransformerConfig.layer_norm_epsilon must be > 0, got {eps!r}")
         if self.positional not in POSITIONALS:
             raise ValueError(
                 f"TransformerConfig.positional must be one of {POSITIONALS}, "
@@ -84,9 +93,14 @@ class TransformerConfig:
                 "TransformerConfig: share_embeddings=True needs one vocabulary, got "
                 f"vocab_size={self.vocab_size}, target_vocab_size={self.target_vocab_size}"
             )
-        if not 0 <= self.pad_id < self.vocab_size:
+        if (
+            isinstance(self.pad_id, bool)
+            or not isinstance(self.pad_id, int)
+            or not 0 <= self.pad_id < self.vocab_size
+        ):
             raise ValueError(
-                f"TransformerConfig.pad_id={self.pad_id} is outside [0, {self.vocab_size})"
+                f"TransformerConfig.pad_id={self.pad_id!r} is outside [0, {self.vocab_size}) "
+                "(it must be an int token id)"
             )
         if self.attention_implementation not in (None, *IMPLEMENTATIONS):
             raise ValueError(
@@ -94,9 +108,15 @@ class TransformerConfig:
                 f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
             )
         for name in ("dtype", "param_dtype"):
-            if not jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating):
+            value = getattr(self, name)
+            try:
+                floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:  # e.g. "bogus": "data type 'bogus' not understood"
+                floating = False
+            if not floating:
                 raise ValueError(
-                    f"TransformerConfig.{name} must be a float dtype, got {getattr(self, name)}"
+                    f"TransformerConfig.{name} must be a float dtype (e.g. jnp.float32, "
+                    f"'bfloat16'), got {value!r}"
                 )
 
     @property
@@ -132,3 +152,49 @@ class TransformerConfig:
         """The paper's big model: N=6, d_model=1024, d_ff=4096, h=16, P_drop=0.3 (~214M)."""
         preset = dict(d_model=1024, num_heads=16, num_layers=6, d_ff=4096, dropout_rate=0.3)
         return cls(vocab_size=vocab_size, **{**preset, **overrides})
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_experiment_config(config) -> None:
+    """Checks the run fields of an experiment config (an ``ml_collections`` file under
+    experiments/configs) that a training run would otherwise meet only mid-run or after
+    writing to its workdir: a zero interval (``step % 0``), a sequence longer than
+    ``model.max_len``. Raises a ValueError naming the field. ``config.model`` is checked by
+    `TransformerConfig` itself."""
+
+    def check(name, value, ok, expected):
+        if not ok:
+            raise ValueError(f"config.{name} must be {expected}, got {value!r}")
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name in (
+        "num_train_steps", "warmup_steps", "accum_steps", "log_every", "eval_every",
+        "checkpoint_every", "keep_checkpoints",
+    ):  # fmt: skip
+        value = config.get(name)
+        check(name, value, is_int(value) and value >= 1, "a positive int")
+    value = config.get("batch_size", 0)
+    check("batch_size", value, is_int(value) and value >= 0, "an int >= 0 (0: from data)")
+    value = config.get("label_smoothing", 0.0)
+    check("label_smoothing", value, _is_real(value) and 0 <= value < 1, "in [0, 1)")
+    data, max_len = config.data, config.model.max_len
+    if data.dataset == "reversal":  # targets are the reversed source + EOS
+        check("batch_size", config.batch_size, config.batch_size >= 1, ">= 1 for reversal")
+        check(
+            "data.max_len",
+            data.max_len,
+            data.max_len + 1 <= max_len,
+            f"<= config.model.max_len - 1 = {max_len - 1} (targets add EOS)",
+        )
+    elif "max_length" in data:
+        check(
+            "data.max_length",
+            data.max_length,
+            data.max_length <= max_len,
+            f"<= config.model.max_len = {max_len}",
+        )

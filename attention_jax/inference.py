@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,7 @@ from attention_jax.data.tokenizer import EOS_ID, Tokenizer
 from attention_jax.model import Transformer
 
 CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"  # the folder checkpoint.Checkpointer keeps in a workdir
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -42,8 +44,36 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"{path} does not exist: is {workdir!r} the --workdir of a training run?"
         )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    with open(path, encoding="utf-8") as f:
+        try:
+            fields = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{path} is not a valid config JSON file ({e})") from None
+    missing = [k for k in ("model", "data") if not isinstance(fields, dict) or k not in fields]
+    if missing:
+        raise ValueError(
+            f"{path} is not the config.json of a training run: it has no {missing} section "
+            f"(found {sorted(fields) if isinstance(fields, dict) else type(fields).__name__})"
+        )
+    return ml_collections.ConfigDict(fields)
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """The lines of a UTF-8 text file (``'-'``: stdin) for a CLI flag such as ``--input``;
+    errors name the flag, the file and the line."""
+    if path == "-":
+        data, where = sys.stdin.buffer.read(), f"{flag} (stdin)"
+    else:
+        if not os.path.isfile(path):
+            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+            raise FileNotFoundError(f"{flag} {path} {what}")
+        with open(path, "rb") as f:
+            data, where = f.read(), f"{flag} {path}"
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{where}, line {line}: not valid UTF-8 ({e.reason})") from None
 
 
 @dataclasses.dataclass
@@ -66,23 +96,28 @@ class Translator:
         if not os.path.exists(vocab):
             raise FileNotFoundError(f"{vocab} does not exist: this workdir has no vocabulary")
         tokenizer = Tokenizer.load(vocab)
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise ValueError(
+                f"{vocab} has {tokenizer.vocab_size} pieces but the model in "
+                f"{os.path.join(workdir, CONFIG_FILE)} has vocab_size={cfg.vocab_size}"
+            )
+        directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        no_checkpoint = FileNotFoundError(
+            f"{directory} holds no checkpoint: train first (experiments/train.py "
+            f"--workdir={workdir})"
+        )
+        if not os.path.isdir(directory):  # Checkpointer would create it: nothing is written here
+            raise no_checkpoint
         ckpt = Checkpointer(workdir)
         try:
             latest = ckpt.latest_step()
             if latest is None:
-                raise FileNotFoundError(
-                    f"{ckpt.directory} holds no checkpoint: train first (experiments/train.py "
-                    f"--workdir={workdir})"
-                )
+                raise no_checkpoint
             meta = ckpt.read_meta(latest)
             if meta.get("vocab_fingerprint") != tokenizer.fingerprint:
                 raise ValueError(
                     f"{vocab} (fingerprint {tokenizer.fingerprint}) is not the vocabulary the "
                     f"checkpoints were trained with ({meta.get('vocab_fingerprint')})"
-                )
-            if tokenizer.vocab_size != cfg.vocab_size:
-                raise ValueError(
-                    f"{vocab} has {tokenizer.vocab_size} pieces, the model {cfg.vocab_size}"
                 )
             if average_last > 1:
                 params, steps = average_checkpoints(workdir, average_last)

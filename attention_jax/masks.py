@@ -28,6 +28,13 @@ def causal_mask(length: int, kv_length: int | None = None, *, offset: int = 0) -
         _positive_int("length", length),
         _positive_int("kv_length", length if kv_length is None else kv_length),
     )
+    integer = (
+        jnp.issubdtype(offset.dtype, jnp.integer) and offset.ndim == 0
+        if hasattr(offset, "dtype")  # a (possibly traced) int scalar
+        else isinstance(offset, int) and not isinstance(offset, bool)
+    )
+    if not integer:
+        raise TypeError(f"causal_mask: offset must be an int, got {offset!r}")
     q = jnp.arange(length)[:, None]  # [T, 1]
     k = jnp.arange(kv_length)[None, :]  # [1, S]
     return k <= q + offset  # [T, S]

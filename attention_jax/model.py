@@ -59,6 +59,8 @@ def check_tokens(name: str, tokens, cfg: TransformerConfig, vocab_size: int | No
         raise TypeError(f"{name} must be integer token ids [B, T], got dtype {tokens.dtype}")
     if tokens.ndim != 2:
         raise ValueError(f"{name} must be [B, T] token ids, got shape {tokens.shape}")
+    if 0 in tokens.shape:  # else attention refuses the empty [B, T, N, H] deep inside
+        raise ValueError(f"{name} must be [B, T] with B, T >= 1, got shape {tokens.shape}")
     if tokens.shape[1] > cfg.max_len:
         raise ValueError(
             f"{name} has length {tokens.shape[1]} > config.max_len={cfg.max_len}; raise "
@@ -302,6 +304,11 @@ class Transformer(nn.Module):
         rows, pass the four position / segmentation arrays ([B, S] and [B, T])."""
         cfg = self.config
         targets = check_tokens("targets", targets, cfg, cfg.output_vocab_size)
+        inputs = check_tokens("inputs", inputs, cfg)
+        if inputs.shape[0] != targets.shape[0]:  # refused before the encoder runs
+            raise ValueError(
+                f"inputs {inputs.shape} and targets {targets.shape} need the same batch size"
+            )
         encoded = self.encode(
             inputs, train=train, positions=inputs_positions, segmentation=inputs_segmentation
         )

@@ -51,6 +51,7 @@ def sinusoidal_positional_encoding(
                 "length_or_positions must be an int or an integer array of positions, "
                 f"got an array of dtype {positions.dtype}"
             )
+    _check_timescale("sinusoidal_positional_encoding", max_timescale)
     # 1 / max_timescale^(2i / D) for i = 0 .. D/2 - 1, computed in float64 on the host.
     inv_freq = np.power(max_timescale, -np.arange(0, d_model, 2, dtype=np.float64) / d_model)
     inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * positions.ndim + (-1,))
@@ -79,10 +80,15 @@ def apply_rotary_embedding(x, positions, max_timescale: float = 10000.0) -> jnp.
         raise ValueError(
             f"apply_rotary_embedding: x must be [..., T, N, H] with H even, got {x.shape}"
         )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"apply_rotary_embedding: x must be a floating-point array, got dtype {x.dtype}"
+        )
     if not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(
             f"apply_rotary_embedding: positions must be integers, got dtype {positions.dtype}"
         )
+    _check_timescale("apply_rotary_embedding", max_timescale)
     if positions.shape[-1] != x.shape[-3]:
         raise ValueError(
             f"apply_rotary_embedding: positions [..., T] must match x [..., T, N, H], got "
@@ -99,3 +105,10 @@ def apply_rotary_embedding(x, positions, max_timescale: float = 10000.0) -> jnp.
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def _check_timescale(name, max_timescale):
+    if isinstance(max_timescale, bool) or not isinstance(max_timescale, (int, float, np.number)):
+        raise TypeError(f"{name}: max_timescale must be a number, got {max_timescale!r}")
+    if not max_timescale > 1:  # 1 gives constant encodings, below 1 inf/NaN ones
+        raise ValueError(f"{name}: max_timescale must be > 1, got {max_timescale!r}")

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attention_jax import metrics
 from attention_jax.data.tasks import load_eval_pairs
-from attention_jax.inference import Translator, load_config
+from attention_jax.inference import Translator, load_config, read_lines
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's --workdir.")
@@ -28,13 +28,6 @@ flags.DEFINE_integer("batch_size", 64, "Sentences per decoding batch.", lower_bo
 flags.mark_flags_as_required(["workdir"])
 
 
-def _lines(path: str) -> list[str]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -43,7 +36,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         if FLAGS.source:
-            sources, references = _lines(FLAGS.source), _lines(FLAGS.reference)
+            sources = read_lines(FLAGS.source, "--source")
+            references = read_lines(FLAGS.reference, "--reference")
             if len(sources) != len(references):
                 raise ValueError(
                     f"--source has {len(sources)} lines but --reference has {len(references)}"

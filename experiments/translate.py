@@ -12,7 +12,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention_jax.inference import Translator
+from attention_jax.inference import Translator, read_lines
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -29,13 +29,14 @@ flags.DEFINE_integer("batch_size", 64, "Sentences per decoding batch.", lower_bo
 flags.mark_flags_as_required(["workdir"])
 
 
-def _read(path: str) -> list[str]:
+def _check_output(path: str) -> None:
     if path == "-":
-        return sys.stdin.read().splitlines()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--input {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output {path}: the folder {folder} does not exist")
 
 
 def main(argv):
@@ -43,7 +44,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        sentences = _read(FLAGS.input)
+        _check_output(FLAGS.output)  # before the model is loaded and the input decoded
+        sentences = read_lines(FLAGS.input, "--input")
         if not sentences:
             raise ValueError(f"--input {FLAGS.input} holds no sentences")
         translator = Translator.from_workdir(FLAGS.workdir, average_last=FLAGS.average_last)
@@ -57,9 +59,14 @@ def main(argv):
         sys.stdout.write(text)
     else:
         tmp = f"{FLAGS.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, FLAGS.output)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, FLAGS.output)
+        except OSError as e:  # e.g. a full disk: no half-written file is left behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            sys.exit(f"translate.py: error: writing --output {FLAGS.output}: {e}")
 
 
 if __name__ == "__main__":

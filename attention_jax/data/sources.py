@@ -242,7 +242,8 @@ class _LocalCorpus:
         roles = ("TSV",) if len(paths) == 1 else ("source", "target")
         for role, path in zip(roles, paths, strict=True):
             if not path.is_file():
-                raise FileNotFoundError(f"split {split!r}: {role} file {path} does not exist")
+                what = "is a directory, not a file" if path.is_dir() else "does not exist"
+                raise FileNotFoundError(f"split {split!r}: {role} file {path} {what}")
         return cls(split, paths)
 
     def check(self) -> int:

@@ -190,26 +190,21 @@ def load_or_train_vocabulary(config, workdir: str, train_source):
     """The workdir's vocabulary (``<workdir>/vocab.model``), created on the first run: copied
     from ``config.data.vocab_path`` or from the one prepare_data.py stored for the dataset,
     else trained on the training split. Resuming and evaluation reuse the workdir's copy."""
-    from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
+    from attention_jax.data.tokenizer import Tokenizer
 
     path = os.path.join(workdir, VOCAB_FILE)
     size = config.model.vocab_size
+    refused = None  # raised after the sync below, so that no other process waits forever
     if jax.process_index() == 0 and not os.path.exists(path):  # process 0 makes it
-        given = config.data.get("vocab_path") or ""
-        prepared = default_vocab_path(_data_dir(config), config.data.dataset, size)
-        if given:
-            tokenizer = Tokenizer.load(given)
-        elif os.path.exists(prepared):
-            tokenizer = Tokenizer.load(prepared)
-        else:
-            limit = config.data.get("vocab_sentences", 2_000_000)
-            n = min(len(train_source), max(limit // 2, 1))
-            examples = (train_source[i] for i in range(n))
-            sentences = (text for ex in examples for text in (ex["source"], ex["target"]))
-            print(f"training a {size}-piece SentencePiece vocabulary on {n} pairs", flush=True)
-            tokenizer = Tokenizer.train(sentences, size)
-        tokenizer.save(path)
+        try:
+            _make_vocabulary(config, path, train_source)
+        except (ValueError, OSError, RuntimeError) as e:
+            refused = e
     _sync("vocabulary")  # the others wait for it
+    if refused is not None:
+        raise refused
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} was not created: see process 0's error")
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size != size:
         raise ValueError(
@@ -217,6 +212,33 @@ def load_or_train_vocabulary(config, workdir: str, train_source):
             f"vocab_size is {size}; use a new --workdir or set vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def _make_vocabulary(config, path: str, train_source) -> None:
+    """Writes the workdir's vocabulary: ``config.data.vocab_path``, else the one
+    prepare_data.py stored, else one trained on the training split."""
+    from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
+
+    size = config.model.vocab_size
+    given = config.data.get("vocab_path") or ""
+    prepared = default_vocab_path(_data_dir(config), config.data.dataset, size)
+    if given or os.path.exists(prepared):
+        source = given or prepared
+        tokenizer = Tokenizer.load(source)
+        if tokenizer.vocab_size != size:  # refused before it becomes the workdir's copy
+            raise ValueError(
+                f"the vocabulary {source} has {tokenizer.vocab_size} pieces but "
+                f"config.model.vocab_size is {size}; set vocab_size={tokenizer.vocab_size}"
+                + (" or another config.data.vocab_path" if given else "")
+            )
+    else:
+        limit = config.data.get("vocab_sentences", 2_000_000)
+        n = min(len(train_source), max(limit // 2, 1))
+        examples = (train_source[i] for i in range(n))
+        sentences = (text for ex in examples for text in (ex["source"], ex["target"]))
+        print(f"training a {size}-piece SentencePiece vocabulary on {n} pairs", flush=True)
+        tokenizer = Tokenizer.train(sentences, size)
+    tokenizer.save(path)
 
 
 def _sync(name: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID = 0
 EOS_ID = 1
@@ -71,7 +72,21 @@ class Tokenizer:
         try:
             processor = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
-            raise ValueError(f"not a serialized SentencePiece model ({_first_line(e)})") from None
+            reason = _first_line(e)
+            if "ParseFromArray" in reason:  # SentencePiece's C++ location says only this
+                reason = "the bytes do not parse as a ModelProto: truncated, or another format"
+            raise ValueError(
+                f"not a serialized SentencePiece model ({len(model_proto)} bytes; {reason})"
+            ) from None
+        # A file cut between two pieces still parses, as a smaller vocabulary: only the
+        # missing specs (serialized after the pieces) tell that it is truncated.
+        parsed = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+        if not (parsed.HasField("trainer_spec") and parsed.HasField("normalizer_spec")):
+            raise ValueError(
+                f"incomplete SentencePiece model ({len(model_proto)} bytes, "
+                f"{len(parsed.pieces)} pieces, no trainer or normalizer spec): the file is "
+                "truncated"
+            )
         found = {name: getattr(processor, f"{name}_id")() for name in _SPECIAL}
         if processor.vocab_size() <= len(_SPECIAL) or found != _SPECIAL:
             raise ValueError(
