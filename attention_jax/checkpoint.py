@@ -1,34 +1,99 @@
 """Orbax checkpoints of the train state (params, optimizer state, step, RNG), metadata (the
 model's shape, the vocabulary's fingerprint) and the data iterator's state (grain's).
 
-Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when
-complete), so an interrupted save never becomes the latest checkpoint.
+Saves are asynchronous and atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames
+it to ``<step>`` once every file is written, so a run killed while saving never leaves a
+checkpoint that looks complete. A training run's Checkpointer (``cleanup=True``) removes
+such unfinished directories when it starts.
+
+Nothing is unpickled: arrays are read by TensorStore (OCDBT/zarr), the metadata and grain's
+iterator state are JSON.
+
+A checkpoint that does not read back whole (a truncated or missing file) is moved aside to
+``checkpoints/corrupt-<step>`` (kept as evidence, never deleted) and the next older one is
+tried; see `Checkpointer.restore_newest`. One written by a different model is refused with
+`IncompatibleCheckpointError`, and nothing is changed.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-<step>: a damaged checkpoint, moved aside
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint of a different model, optimizer or vocabulary than the one restoring it."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, a lost mount, ...); the older ones are intact."""
+
 
 class Checkpointer:
     """`CheckpointManager` over ``<workdir>/checkpoints``: keep the last `keep`, save every
-    `every` steps (and whenever `force` is passed)."""
+    `every` steps (and whenever `force` is passed).
 
-    def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000, data_state: bool = True):
+    `cleanup`: remove unfinished checkpoints (left by a run killed while saving) now. Only
+    the training run should: a reader (evaluation while training runs) would delete the
+    save in progress. `log`: where messages about damaged or unfinished checkpoints go
+    (process 0 only).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        every: int = 1000,
+        data_state: bool = True,
+        cleanup: bool = False,
+        log: Callable[[str], None] = print,
+    ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._log = log if jax.process_index() == 0 else (lambda message: None)
+        self._pending = None  # the step of the last save started and not yet known complete
+        if cleanup:
+            unfinished = _unfinished_steps(self.directory)
+            if unfinished:
+                self._log(
+                    f"checkpoints: removing the unfinished checkpoint(s) of step(s) {unfinished} "
+                    f"in {self.directory} (a run stopped while writing them)"
+                )
+            # Now, not in the background as Orbax's cleanup (below; it covers object stores)
+            # would: that one is only awaited by the next save, which may never come.
+            if jax.process_index() == 0:
+                for name in _unfinished_names(self.directory):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            _sync("checkpoint_cleanup")
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         if data_state:  # grain writes one small JSON file per process
             import grain
 
             handlers["data"] = grain.checkpoint.CheckpointHandler()
+        policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every, create=True
+                # Orbax's default policy, spelled out: every `every` steps, the first step
+                # of a fresh run, and the step a multi-host preemption notice agrees on.
+                save_decision_policy=policies.AnySavePolicy(
+                    [
+                        policies.FixedIntervalPolicy(every),
+                        policies.PreemptionCheckpointingPolicy(),
+                        policies.InitialSavePolicy(),
+                    ]
+                ),
+                preservation_policy=policies.LatestN(keep),
+                cleanup_tmp_directories=cleanup,
+                create=True,
             ),
             item_handlers=handlers,
         )
@@ -36,17 +101,91 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether a multi-host run's processes agreed to stop at `step` (JAX's preemption
+        notice, delivered as SIGTERM to any process); always False in one process."""
+        return self.manager.reached_preemption(step)
+
+    # ---- Saving. ---------------------------------------------------------------------
+
     def save(
         self, step: int, state, meta: dict, *, force: bool = False, data_iterator=None
     ) -> bool:
         """Saves (asynchronously) if `step` is due or `force`; with `data_iterator`, its
-        state too, so a resumed run continues the exact data stream."""
+        state too, so a resumed run continues the exact data stream.
+
+        Raises `CheckpointSaveError` if this save, or the previous one still being written,
+        fails; the checkpoints written before stay complete and restorable."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # the previous async save's error surfaces here too
+            raise self._save_failed(step, e) from e
+        if started:
+            self._pending = step
+        return started
+
+    def wait(self):
+        """Blocks until the save in progress is complete (raises `CheckpointSaveError` if
+        it failed)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(None, e) from e
+        self._pending = None
+
+    def close(self):
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            self.abandon()
+            raise
+        self.manager.close()
+
+    def abandon(self):
+        """Closes without raising: for error paths, where the error that matters is already
+        on its way."""
+        try:
+            self.manager.close()
+        except Exception:
+            pass
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        """The error to raise for a failed save, naming the step that failed and the newest
+        complete checkpoint; the failed step's partial files are removed."""
+        pending, self._pending = self._pending, None
+        try:  # no writes may be in flight while partial directories are removed
+            self.manager.wait_until_finished()
+        except Exception:
+            pass  # the pending save's error: it is `error`, or is told by its missing step
+        if pending is not None and not os.path.isdir(os.path.join(self.directory, str(pending))):
+            step = pending  # the previous (asynchronous) save is the one that failed
+        if jax.process_index() == 0:
+            for name in _unfinished_names(self.directory):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self.manager.reload()
+        good = self.manager.latest_step()
+        which = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+        message = (
+            f"saving {which} to {self.directory} failed: {type(error).__name__}: {error}\n"
+            + (
+                f"the newest complete checkpoint is step {good}"
+                if good is not None
+                else "there is no complete checkpoint yet"
+            )
+            + "; fix the cause (free disk space, ...) and rerun the same command to resume"
+        )
+        code = getattr(error, "errno", None)
+        return CheckpointSaveError(code, message) if code else CheckpointSaveError(message)
+
+    # ---- Restoring. ------------------------------------------------------------------
 
     def restore(self, step: int, abstract_state, *, data_iterator=None):
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (and
@@ -61,6 +200,78 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored["meta"]
+
+    def newest_meta(self) -> tuple[int | None, dict | None]:
+        """``(step, meta)`` of the newest checkpoint whose metadata reads back, or
+        ``(None, None)``; newer ones whose metadata does not are moved aside as damaged."""
+        for step in reversed(self.steps()):
+            meta, problem = None, None
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:
+                if not _is_damage(e):
+                    raise
+                problem = f"its metadata does not read back ({_brief(e)})"
+            if _everywhere(problem is None):
+                return step, meta
+            self._move_aside(step, problem or "its metadata does not read back on every process")
+        return None, None
+
+    def restore_newest(self, abstract_state, *, check_meta=None, data_iterator=None):
+        """Restores the newest checkpoint that reads back whole; returns ``(step, state)``,
+        or ``(None, None)`` if there is none.
+
+        Each candidate's metadata goes through ``check_meta(step, meta)`` (raise
+        `IncompatibleCheckpointError` to refuse it) and its tree of arrays is compared with
+        `abstract_state` (paths, shapes, dtypes): a mismatch raises
+        `IncompatibleCheckpointError` and changes nothing. A checkpoint whose files do not
+        read back (truncated, missing) is reported, moved to ``corrupt-<step>`` and the
+        next older one is tried.
+        """
+        while True:
+            step, meta = self.newest_meta()
+            if step is None:
+                return None, None
+            if check_meta is not None:
+                check_meta(step, meta)
+            problem = None
+            try:
+                saved = self.manager.item_metadata(step)["state"]
+            except Exception as e:
+                if not _is_damage(e):
+                    raise
+                problem = f"its array metadata does not read back ({_brief(e)})"
+            else:
+                _check_same_tree(step, saved, abstract_state)
+                try:
+                    state, _ = self.restore(step, abstract_state, data_iterator=data_iterator)
+                    jax.block_until_ready(state)
+                except Exception as e:
+                    if not _is_damage(e):
+                        raise
+                    problem = f"its arrays do not read back ({_brief(e)})"
+            if _everywhere(problem is None):
+                return step, state
+            self._move_aside(step, problem or "it does not read back on every process")
+
+    def _move_aside(self, step: int, problem: str) -> None:
+        """Renames the damaged checkpoint of `step` to ``corrupt-<step>`` (``.1``, ``.2``,
+        ... if that exists), so it is neither restored nor deleted, and says so."""
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
+        n = 0
+        while os.path.exists(target if n == 0 else f"{target}.{n}"):
+            n += 1
+        target = target if n == 0 else f"{target}.{n}"
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        _sync(f"checkpoint_move_aside_{step}")
+        older = [s for s in self.steps() if s < step]
+        self._log(
+            f"checkpoint of step {step} is damaged: {problem}; moved it to {target}; "
+            + (f"trying step {older[-1]}" if older else "no older checkpoint")
+        )
+        self.manager.reload()
 
     def restore_on_one_device(self, step: int, device=None) -> dict:
         """The state saved at `step` as a plain tree on one device (default: the first local
@@ -80,12 +291,112 @@ class Checkpointer:
             "meta"
         ]
 
-    def wait(self):
-        self.manager.wait_until_finished()
 
-    def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+def _unfinished_names(directory: str) -> list[str]:
+    """Orbax's temporary directories (``<step>.orbax-checkpoint-tmp``) in `directory`."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if ocp.path.step.TMP_DIR_SUFFIX in n)
+
+
+def _unfinished_steps(directory: str) -> list[int]:
+    steps = []
+    for name in _unfinished_names(directory):
+        match = re.match(ocp.path.step.TMP_DIR_STEP_PATTERN, name)
+        if match:
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def _is_damage(error: Exception) -> bool:
+    """Whether an error reading a checkpoint means its files are damaged, rather than the
+    machine failing (memory, permissions), which must not get a checkpoint moved aside.
+    TensorStore raises plain Exception / ValueError for missing and truncated files."""
+    if isinstance(error, (MemoryError, PermissionError)):
+        return False
+    text = str(error)
+    return not any(s in text for s in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Out of memory"))
+
+
+def _brief(error: Exception, limit: int = 300) -> str:
+    """The root cause of `error`, on one line: TensorStore's own message (which file, which
+    byte range) is at the bottom of Orbax's chain."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+        if id(error) in seen:
+            break
+        seen.add(id(error))
+    text = " ".join(str(error).split())
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _path_name(path) -> str:
+    """One key of a tree path as text: dict keys, attributes and indices alike (Orbax's
+    metadata tree has dicts where the state has dataclasses and named tuples)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _check_same_tree(step: int, saved, abstract) -> None:
+    """Raises `IncompatibleCheckpointError` naming the arrays whose paths, shapes or dtypes
+    differ between the checkpoint's metadata and the state restoring it (arrays only on one
+    side are counted per subtree: a changed optimizer differs in hundreds)."""
+    ours = {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    theirs = {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    differences = []
+    for only, there, here in ((ours, "model", "checkpoint"), (theirs, "checkpoint", "model")):
+        other = theirs if only is ours else ours
+        groups = {}
+        for k in only.keys() - other.keys():
+            group = "/".join(k.split("/")[:2])
+            groups[group] = groups.get(group, 0) + 1
+        differences += [
+            f"{g}{'/...' if g not in only else ''}: {n} array(s) in the {there}, not in the {here}"
+            for g, n in groups.items()
+        ]
+    for k in sorted(ours.keys() & theirs.keys()):
+        a, b = ours[k], theirs[k]
+        if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
+            differences.append(
+                f"{k}: checkpoint {np.dtype(b.dtype).name}{list(b.shape)}, "
+                f"model {np.dtype(a.dtype).name}{list(a.shape)}"
+            )
+    if differences:
+        shown = sorted(differences)[:8]
+        more = len(differences) - len(shown)
+        raise IncompatibleCheckpointError(
+            f"the checkpoint of step {step} holds a different train state than this run "
+            "builds:\n  "
+            + "\n  ".join(shown)
+            + (f"\n  ... and {more} more" if more else "")
+            + "\nuse the config that wrote it (model, optimizer: clip_norm, ...), or a new "
+            "--workdir"
+        )
+
+
+def _everywhere(ok: bool) -> bool:
+    """`ok` on every process (one process: `ok`)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def average_checkpoints(workdir: str, last_k: int):

@@ -26,7 +26,8 @@ def _tag(key: str) -> str:
 class MetricsWriter:
     """Appends ``{"step": ..., metrics...}`` records to ``metrics.jsonl`` and the same scalars
     to TensorBoard. Resuming at `resume_step` first drops every record past that step from
-    both (TensorBoard's ``purge_step``), so the logs equal an uninterrupted run's."""
+    both (TensorBoard's ``purge_step``), so the logs equal an uninterrupted run's (and the
+    final test report, which the resumed run writes again, and a line a kill cut short)."""
 
     def __init__(self, workdir: str, resume_step: int = 0):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -36,7 +37,7 @@ class MetricsWriter:
             return
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                kept = [line for line in f if _kept(line, resume_step)]
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -59,6 +60,20 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _kept(line: str, resume_step: int) -> bool:
+    """Whether a metrics.jsonl record survives a resume at `resume_step`: not past it, not
+    the final test report (the resumed run writes it again), not a line cut short by a kill."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    if not line.endswith("\n") or not isinstance(record, dict):
+        return False
+    return record.get("step", resume_step + 1) <= resume_step and not any(
+        k.startswith("test_") for k in record
+    )
 
 
 def _si(x: float) -> str:

@@ -3,14 +3,25 @@
 Restarting with the same workdir resumes from the latest complete checkpoint. The built-in
 task's batches are a pure function of the step, so the resumed run sees exactly the data an
 uninterrupted run would have.
+
+Stopping: SIGTERM or Ctrl-C (SIGINT) makes the run finish its step, save that step's
+checkpoint, wait for it to be complete, and raise `Interrupted` (a SystemExit with status
+128 + the signal's number: 143 / 130); a second signal acts at once. A run killed outright
+(SIGKILL, power) resumes from its newest complete checkpoint. See checkpoint.py for
+unfinished and damaged checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 
 import jax
@@ -20,10 +31,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from attention_jax import decoding, flops, metrics, sharding, training
-from attention_jax.checkpoint import Checkpointer
+from attention_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
 from attention_jax.config import TransformerConfig
 from attention_jax.data import tasks
-from attention_jax.inference import save_config
+from attention_jax.inference import CONFIG_FILE, save_config
 from attention_jax.model import Transformer
 from attention_jax.reporting import MetricsWriter, Progress
 
@@ -57,14 +68,139 @@ def _model_signature(cfg: TransformerConfig) -> dict:
 
 
 def _check_workdir(workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # one per process
+    """Fails before anything is trained if the workdir (or its checkpoints/) cannot be
+    written: a missing parent that cannot be created, a path under a file, no permission."""
     try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        os.makedirs(workdir, exist_ok=True)
     except OSError as e:
-        raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
+        raise OSError(
+            e.errno,
+            f"workdir {workdir!r} cannot be created ({e.strerror or e}); use another --workdir",
+        ) from e
+    for directory in (workdir, os.path.join(workdir, "checkpoints")):
+        if not os.path.isdir(directory):
+            continue
+        try:  # an anonymous file: nothing is left behind, whatever happens
+            with tempfile.TemporaryFile(dir=directory) as f:
+                f.write(b"ok")
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"workdir {workdir!r} is not writable ({directory}: {e.strerror or e}); "
+                "checkpoints and metrics could not be saved: use a writable --workdir",
+            ) from e
+
+
+def _remove_stale_temporaries(workdir: str) -> None:
+    """Half-written files of a run killed mid-write: config.json, metrics.jsonl and the
+    vocabulary are written to a temporary name and renamed. Harmless, but not left to pile
+    up (only process 0 writes them)."""
+    if jax.process_index() != 0:
+        return
+    where = glob.escape(workdir)
+    patterns = (f"{CONFIG_FILE}.tmp.*", "metrics.jsonl.tmp", f".{tasks.VOCAB_FILE}.*.tmp")
+    for path in [p for pattern in patterns for p in glob.glob(os.path.join(where, pattern))]:
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def _warn_if_short_of_space(directory: str, state, keep: int) -> None:
+    """A warning when the disk cannot hold `keep` + 1 checkpoints of `state` (the newest
+    is written before the oldest is deleted)."""
+    size = sum(x.nbytes for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(directory).free
+    if jax.process_index() == 0 and free < size * (keep + 1):
+        print(
+            f"warning: {free / 2**20:.0f} MiB free in {directory}, but {keep + 1} checkpoints "
+            f"of {size / 2**20:.1f} MiB are written there; saving may fail (disk full)",
+            flush=True,
+        )
+
+
+def _check_model(workdir: str, step: int, saved: dict, cfg: TransformerConfig) -> None:
+    """Refuses a checkpoint of a different model, naming the fields that differ."""
+    ours = json.loads(json.dumps(_model_signature(cfg)))  # as the JSON metadata holds it
+    theirs = saved.get("model") or {}
+    differ = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    if differ:
+        raise IncompatibleCheckpointError(
+            f"workdir {workdir!r} holds a checkpoint of a different model (step {step}):\n  "
+            + "\n  ".join(
+                f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in differ
+            )
+            + "\nuse a new --workdir, or the config that wrote it"
+        )
+
+
+def _check_vocabulary(workdir: str, step: int, saved: dict, meta: dict) -> None:
+    if saved.get("vocab_fingerprint") != meta.get("vocab_fingerprint"):
+        raise IncompatibleCheckpointError(
+            f"workdir {workdir!r}: the checkpoint (step {step}) was trained with vocabulary "
+            f"{saved.get('vocab_fingerprint')} but {tasks.VOCAB_FILE} there is "
+            f"{meta.get('vocab_fingerprint')}; use the vocabulary it was trained with"
+        )
+
+
+class Interrupted(SystemExit):
+    """`train_and_evaluate` stopped on SIGTERM or SIGINT (Ctrl-C) after saving the checkpoint
+    of `step` (complete when this is raised). Its exit status is 128 + the signal's number
+    (143 for SIGTERM, 130 for Ctrl-C), as for a process the signal ended; rerunning the same
+    command resumes from `step`. A SystemExit, like KeyboardInterrupt not an Exception."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.step = signum, step
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set `received`: the loop then saves and stops.
+    The first one puts the previous handlers back, so a second acts at once (Ctrl-C:
+    KeyboardInterrupt; SIGTERM: the process ends).
+
+    Not installed off the main thread (Python allows handlers only there), for a signal that
+    is ignored (a background job's SIGINT), or in a multi-process run: there a process
+    stopping alone would hang the others, and SIGTERM belongs to JAX's preemption service,
+    which makes all processes save the same step (`Checkpointer.reached_preemption`)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def install(self):
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if previous is not signal.SIG_IGN and previous is not None:
+                self._previous[signum] = previous
+                signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self.uninstall()
+
+    def uninstall(self):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+def _save_and_stop(signum: int, step: int, state, meta: dict, task, ckpt, also_close=()):
+    """Saves `step` (unless it just was), waits until its checkpoint is complete, closes the
+    logs, says so and raises `Interrupted`."""
+    if ckpt.latest_step() != step:
+        ckpt.save(step, state, meta, force=True, data_iterator=task_iterator(task))
+    ckpt.close()
+    for writer in also_close:
+        writer.close()
+    if jax.process_index() == 0:
+        print(
+            f"{signal.Signals(signum).name}: stopped after step {step} and saved its "
+            f"checkpoint ({os.path.join(ckpt.directory, str(step))}); rerun the same command "
+            "to resume from it",
+            flush=True,
+        )
+    raise Interrupted(signum, step)
 
 
 def _local_rows(batch: dict) -> dict:
@@ -105,6 +241,11 @@ def evaluate(eval_fn, decode_fn, params, task, mesh, split: str = "validation") 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
     held-out metrics."""
+    policy = config.get("nonfinite", "stop")
+    if policy not in training.NONFINITE_POLICIES:
+        raise ValueError(
+            f"config.nonfinite must be one of {training.NONFINITE_POLICIES}, got {policy!r}"
+        )
     _check_workdir(workdir)
     cfg = model_config(config)
     model = Transformer(cfg)
@@ -117,13 +258,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(**config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     with_data_state = config.data.dataset != "reversal"
+    _remove_stale_temporaries(workdir)
     ckpt = Checkpointer(
         workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
-        data_state=with_data_state,
+        data_state=with_data_state, cleanup=True,
     )  # fmt: skip
-    start = ckpt.latest_step() or 0
-    saved = ckpt.read_meta(start) if start else {}
-    if saved.get("vocab_fingerprint") and not os.path.exists(
+    stop = _StopSignals()
+    try:
+        return _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt, stop)
+    except Exception:
+        ckpt.abandon()  # lets a save in progress complete
+        raise
+    finally:
+        stop.uninstall()
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/Inf and ``config.nonfinite == 'stop'``."""
+
+
+def _stop_if_nonfinite(metrics, ckpt, *, also_close=()):
+    """Stops the run (after finishing earlier saves) if a step's loss or gradient was not
+    finite. The train step withheld that update and every later one, and no checkpoint was
+    saved after it, so the newest checkpoint is the last good state."""
+    bad, first = jax.device_get((metrics["nonfinite_steps"], metrics["first_nonfinite_step"]))
+    if not int(bad):
+        return
+    ckpt.wait()
+    newest = ckpt.latest_step()
+    for closable in also_close:
+        closable.close()
+    ckpt.close()
+    raise NonFiniteError(
+        f"step {int(first) + 1}: the loss or a gradient is NaN/Inf; training stopped "
+        f"(config.nonfinite='stop'), the newest checkpoint is step {newest}, saved before "
+        "it. Lower the learning rate, set config.clip_norm, or set config.nonfinite='skip' "
+        "to skip such updates and count them"
+    )
+
+
+def _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt, stop) -> dict:
+    """The body of `train_and_evaluate`, once `ckpt` exists; `stop` is installed around the
+    training loop."""
+    # Refusals come before anything is created or written (the vocabulary included).
+    newest, saved = ckpt.newest_meta()
+    if newest is not None:
+        _check_model(workdir, newest, saved, cfg)
+    if (saved or {}).get("vocab_fingerprint") and not os.path.exists(
         os.path.join(workdir, tasks.VOCAB_FILE)
     ):
         raise FileNotFoundError(
@@ -136,25 +317,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model, optimizer, task.example_batch(), jax.random.key(config.seed), mesh, rules
     )
     meta = {"model": _model_signature(cfg), **task.meta()}
-    if start:
-        if saved.get("model") != json.loads(json.dumps(meta["model"])):
-            raise ValueError(
-                f"workdir {workdir!r} holds a checkpoint of a different model:\n"
-                f"  checkpoint: {saved.get('model')}\n  config:     {meta['model']}\n"
-                "use a new --workdir, or the config that wrote it"
-            )
-        if saved.get("vocab_fingerprint") != meta.get("vocab_fingerprint"):
-            raise ValueError(
-                f"workdir {workdir!r}: the checkpoint was trained with vocabulary "
-                f"{saved.get('vocab_fingerprint')} but {tasks.VOCAB_FILE} there is "
-                f"{meta.get('vocab_fingerprint')}; use the vocabulary it was trained with"
-            )
+    start = 0
+    if newest is not None:
+
+        def check(step, saved):
+            _check_model(workdir, step, saved, cfg)
+            _check_vocabulary(workdir, step, saved, meta)
+
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
         )
-        state, _ = ckpt.restore(start, abstract, data_iterator=task_iterator(task))
+        restored_step, restored = ckpt.restore_newest(
+            abstract, check_meta=check, data_iterator=task_iterator(task)
+        )
+        if restored_step is None:
+            raise RuntimeError(
+                f"no checkpoint in {ckpt.directory} reads back whole (the damaged ones were "
+                "moved aside, see above); rerun to start from step 0, or put good ones back"
+            )
+        start, state = restored_step, restored
         if jax.process_index() == 0:
             print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    _warn_if_short_of_space(ckpt.directory, state, config.keep_checkpoints)
     if jax.process_index() == 0:  # for translate.py / evaluate.py; the checks above passed
         save_config(config, workdir)
     log = MetricsWriter(workdir, start)
@@ -162,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = training.jit_train_step(
         model, optimizer, shardings, mesh,
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
+        nonfinite=config.get("nonfinite", "stop"),
     )  # fmt: skip
     eval_fn = training.jit_eval_step(model, shardings.params, mesh)
     # Periodic validation decodes greedily (fast); the final test report uses beam search
@@ -178,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # reads metrics only at these steps.
     mark_step, mark_time, step = start, time.perf_counter(), start
     interval_tokens = interval_flops = interval_slots = 0.0  # counted on the host
+    stop.install()
     for step in range(start, total):
         batch = task.next_batch(step)
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
@@ -200,6 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             }
             if peak:
                 record["mfu"] = interval_flops / seconds / (peak * mesh.size)
+            if int(m["nonfinite_steps"]):  # updates withheld so far (config.nonfinite)
+                record["nonfinite_steps"] = int(m["nonfinite_steps"])
             log.write(done, record)
             progress.update(done, record, eta_s=(total - done) / steps_per_s)
             mark_step, mark_time = done, time.perf_counter()
@@ -210,7 +398,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log.write(done, {f"eval_{k}": v for k, v in ev.items()})
             progress.print(f"step {done}: validation {_fmt(ev)}")
             mark_time += time.perf_counter() - eval_start  # evaluation is not training time
+        if config.get("nonfinite", "stop") == "stop" and (
+            done % config.log_every == 0 or done % config.checkpoint_every == 0 or last
+        ):  # at steps whose metrics are read anyway, and before any save
+            _stop_if_nonfinite(metrics, ckpt, also_close=(progress, log))
         ckpt.save(done, state, meta, force=last, data_iterator=task_iterator(task))
+        preempted = jax.process_count() > 1 and ckpt.reached_preemption(done)
+        if stop.received is not None or preempted:
+            signum = stop.received or signal.SIGTERM
+            _save_and_stop(signum, done, state, meta, task, ckpt, also_close=(progress, log))
+    stop.uninstall()  # the final evaluation can be interrupted as usual
     progress.close()
     ckpt.close()
     final = evaluate(eval_fn, final_decode_fn, state.params, task, mesh, split="test")

@@ -172,3 +172,23 @@ def test_wmt14_configs_are_the_papers(name, params_m, dropout):
     )
     count = sum(x.size for x in jax.tree.leaves(shapes))
     assert count == pytest.approx(params_m, rel=1e-3)
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # A learning rate of ~1e30 blows the parameters up: the loss turns NaN/Inf in a few steps.
+    config = _tiny_config(12, lr_factor=1e33, checkpoint_every=2, log_every=3)
+    with pytest.raises(train_loop.NonFiniteError, match=r"step \d+: the loss or a gradient"):
+        train_loop.train_and_evaluate(config, str(tmp_path))
+    latest = Checkpointer(str(tmp_path)).latest_step()
+    state = _final_state(str(tmp_path), latest)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    assert int(state["nonfinite_steps"]) == 0  # saved before the first bad step
+    # 'skip' goes on without the bad updates and counts them in metrics.jsonl.
+    skip = _tiny_config(6, lr_factor=1e33, nonfinite="skip")
+    train_loop.train_and_evaluate(skip, str(tmp_path / "skip"))
+    with open(tmp_path / "skip" / "metrics.jsonl") as f:
+        counts = [json.loads(line).get("nonfinite_steps", 0) for line in f]
+    assert max(counts) >= 1
+    with pytest.raises(ValueError, match=r"config\.nonfinite must be one of"):
+        train_loop.train_and_evaluate(_tiny_config(1, nonfinite="ignore"), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
