@@ -8,29 +8,17 @@ more); here 3 kills. Every run is `experiments/train.py` in a subprocess on one 
 with a JAX compilation cache shared by the session, so that a restart costs seconds.
 """
 
-import importlib.util
 import pathlib
 import re
 import signal
-import sys
 import time
 
 import pytest
 
+from tests.chaos_support import chaos
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 24, 4  # checkpoints at 1 (a fresh run's first step), 4, 8, ...; keep 3
-
-
-def _load_harness():
-    name = "benchmarks_chaos"  # registered: its dataclasses look their module up
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "chaos.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-chaos = _load_harness()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pathlib
 import pickle
 import shutil
 import subprocess
-import sys
 
 import grain
 import jax
@@ -26,6 +25,7 @@ import pytest
 
 from attention_jax import train_loop
 from attention_jax.checkpoint import Checkpointer, CheckpointSaveError
+from tests.chaos_support import chaos
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 12, 4
@@ -36,18 +36,6 @@ def _load(name, path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _load_harness():
-    name = "benchmarks_chaos"  # registered: its dataclasses look their module up
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "chaos.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-chaos = _load_harness()
 
 
 @pytest.fixture(scope="module")
