@@ -19,22 +19,60 @@ Ways to run the multi-head map (``implementation=``):
 
 * ``'xla'``: ``jax.vmap`` of the one-head function over heads, then over each batch dim;
   one batched XLA computation that materialises the ``T × S`` scores, differentiated by
-  plain autodiff (any transform works, forward mode included). The only one that can
-  return the weights.
+  plain autodiff (any transform works, forward mode included). The only one that takes
+  flax's einsum overrides, ``einsum_dot_general`` or a traced ``scale``.
 * ``'blockwise'``: :mod:`attention_jax.blockwise`, the same math in tiles of queries and
   keys with an online softmax and a recomputing custom VJP: O(T) memory instead of
-  O(T·S), causal tiles above the diagonal skipped. Pure JAX, any device; on CPU also faster
-  than ``'xla'`` once a head's scores outgrow the cache (BUILD_NOTES.md).
+  O(T·S), causal / window / length tiles skipped. Pure JAX, any device. **Reverse mode
+  only** (``jax.custom_vjp`` has no forward mode): under ``jvp``, ``jacfwd`` or ``hessian``
+  it raises a TypeError naming ``'blockwise_autodiff'`` (where jax raises inside this call;
+  ``jvp`` of an already jitted function gets jax's own message).
+* ``'blockwise_autodiff'``: the same tiles with static loop bounds, ``jax.checkpoint`` and
+  plain autodiff instead of the custom VJP: O(T) memory too, and every transform.
 * ``'cudnn'``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``
-  (NVIDIA GPUs, bf16/f16).
-* ``'pallas'``: the flash-attention kernels in ``jax.experimental.pallas.ops`` (GPU, TPU);
-  see :mod:`attention_jax.kernels`.
-* ``None`` / ``'auto'``: the fastest valid one for the device, dtype and shape
-  (:func:`attention_jax.blockwise.choose_implementation`).
+  (NVIDIA GPUs, bf16/f16). ``'pallas'``: the flash-attention kernels in
+  ``jax.experimental.pallas.ops`` (GPU, TPU); see :mod:`attention_jax.kernels`. Both are
+  reverse mode only and take none of query_seq_lengths, local_window_size,
+  return_residual, the einsum overrides, einsum_dot_general, a traced scale (an explicit
+  choice with one of those raises a ValueError naming it).
+* ``None``: the fastest path that serves **every** transform, mesh and dtype
+  (:func:`attention_jax.blockwise.choose_implementation` with ``forward_mode=True``): never
+  a fused kernel or ``'blockwise'``; ``'xla'`` for short sequences (on CPU while a head's
+  float32 scores fit 512 KiB, i.e. T·S <= 131072), else ``'blockwise_autodiff'``.
+* ``'auto'``: the fastest path, which may be reverse-only: the fused kernels on GPU/TPU
+  when they accept the call, ``'blockwise'`` for long sequences. For training steps, which
+  only take ``grad``.
 
-Masks that are structure rather than data are best given as such: ``is_causal=True`` and
-``key_value_seq_lengths`` cost no ``T × S`` array, let ``'blockwise'`` skip tiles, and are
-what the fused kernels accept.
+Why ``None`` is ``'blockwise_autodiff'`` above the threshold, not ``'blockwise'`` nor
+``'xla'`` (2-core CPU, G = 4 heads, H = 64, float32, min of 3, ``memory_analysis`` temp
+bytes; ms / MiB; noisy, the machine was shared):
+
+====== ========= ================ ================ ==================
+T      pass      xla (dense)      blockwise (VJP)  blockwise_autodiff
+====== ========= ================ ================ ==================
+1024   fwd       15 / 0           19 / 6           18 / 6
+1024   fwd+bwd   80 / 64          66 / 9           99 / 13
+2048   fwd+bwd   357 / 256        387 / 9          406 / 19
+4096   fwd       192 / 0          145 / 7          139 / 7
+4096   fwd+bwd   1495 / 1024      478 / 13         909 / 31
+4096c  fwd+bwd   718 / 768        263 / 13         586 / 34
+====== ========= ================ ================ ==================
+
+(c: causal.) The autodiff variant's forward costs the same as the custom VJP's, its
+backward 1.2-2.2× more (autodiff of the online softmax recomputes each tile twice under
+``jax.checkpoint`` and cannot skip tiles in reverse), its memory stays O(T); dense
+``'xla'`` needs O(T·S) and is slower in reverse from T = 4096. A custom_jvp with a
+blockwise tangent rule and a custom transpose would serve both modes at VJP speed, but
+needs ``jax._src.custom_transpose`` (private, unversioned): not taken. ``'auto'`` keeps
+the faster reverse-only paths for callers that never take forward derivatives.
+
+Masks that are structure rather than data are best given as such: ``is_causal=True``,
+``local_window_size``, ``key_value_seq_lengths`` and ``query_seq_lengths`` cost no
+``T × S`` array and let ``'blockwise'`` skip tiles.
+
+Masked logits get a finite large negative (``NEG``, jax.nn's -0.7 × float32 max), never
+-inf, so ``jax.debug_infs`` stays quiet. A query that sees no key gets a zero output and
+residual ``NEG`` (jax.nn and flax average the values there: a deliberate difference).
 """
 
 from __future__ import annotations
@@ -51,8 +89,18 @@ from jax import lax
 from attention_jax import blockwise
 from attention_jax.positional import apply_rotary_embedding
 
-Implementation = Literal["xla", "blockwise", "cudnn", "pallas", "auto"]
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "blockwise", "cudnn", "pallas", "auto")
+Implementation = Literal["xla", "blockwise", "blockwise_autodiff", "cudnn", "pallas", "auto"]
+IMPLEMENTATIONS: tuple[str, ...] = (
+    "xla", "blockwise", "blockwise_autodiff", "cudnn", "pallas", "auto"
+)  # fmt: skip
+_BLOCKWISE = ("blockwise", "blockwise_autodiff")
+# Arguments only the dense 'xla' path takes.
+_DENSE_ONLY = (
+    "qk_attn_weights_einsum/attn_weights_value_einsum",
+    "einsum_dot_general",
+    "a traced scale",
+)
+NEG = blockwise.NEG
 
 _F32 = jnp.float32
 
@@ -67,7 +115,7 @@ def _acc_dtype(x):
 # --------------------------------------------------------------------------------------
 
 
-def _attend(q, k, v, mask, bias, keep, *, scale, precision, want_weights):
+def _attend(q, k, v, mask, bias, keep, *, scale, precision, want_weights, dot_general=None):
     """The four steps for one head (or one block of its queries).
 
     Args:
@@ -75,41 +123,62 @@ def _attend(q, k, v, mask, bias, keep, *, scale, precision, want_weights):
       mask: bool broadcastable to [T, S] (True = attend), or None.
       bias: float broadcastable to [T, S], added to the scaled scores, or None.
       keep: float [T, S] dropout multiplier (0 or 1/keep_prob), or None.
+      dot_general: replaces ``lax.dot_general`` in both matmuls (flax's
+        ``einsum_dot_general``), or None.
 
     Returns:
-      out [T, V] float32, lse [T] float32 (log-sum-exp of each row's logits; 0 for a fully
-      masked row), weights [T, S] float32 or None.
+      out [T, V] float32, lse [T] float32 (log-sum-exp of each row's logits; ``NEG`` for a
+      fully masked row), weights [T, S] float32 or None.
     """
     acc = _acc_dtype(q)
+    mm = dict(precision=precision, preferred_element_type=acc)
+    if dot_general is not None:
+        mm["_dot_general"] = dot_general
     # 1. scores (float32 even for bf16/f16 inputs).
-    scores = jnp.einsum("TH,SH->TS", q, k, precision=precision, preferred_element_type=acc)
+    scores = jnp.einsum("TH,SH->TS", q, k, **mm)
     # 2. scale by 1/√H.
     logits = scores * scale  # [T, S]
+    # 3. softmax, normalised in float32.
+    p, lse = _softmax(logits, mask, bias)
+    # 4. weighted sum of the values.
+    pd = p if keep is None else p * keep
+    out = jnp.einsum("TS,SV->TV", pd.astype(v.dtype), v, **mm)  # [T, V]
+    return out, lse, (p if want_weights else None)
+
+
+def _softmax(logits, mask, bias):
+    """Softmax over the last axis of float32 `logits` [..., S] after adding `bias` and masking.
+
+    Returns ``(p, lse)``: the normalised weights in the logits' dtype (masked keys exactly
+    0; a row with every key masked all 0, so its output is 0, never 0/0 or NaN) and each
+    row's log-sum-exp (``NEG`` for such a row).
+
+    Normalising here, in float32, before the weights are cast to the values' dtype for the
+    last matmul, is what keeps bf16 gradients accurate: the softmax backward then forms
+    ``p ∘ (dp - rowsum(p ∘ dp))`` from one consistently rounded ``dp``. (Dividing after the
+    matmul, as before, made ``rowsum`` come from the float32 output instead, and where one
+    key dominates a row the difference cancels catastrophically.) Masked logits get the
+    finite ``NEG`` rather than -inf, so no operation produces an inf (``jax.debug_infs``).
+    """
     if bias is not None:
-        logits = logits + bias.astype(acc)
+        logits = logits + bias.astype(logits.dtype)
     if mask is not None:
-        logits = jnp.where(mask, logits, -jnp.inf)
-    # 3. softmax. The max is only for stability (softmax is shift-invariant), hence no
-    # gradient; a fully masked row has max -inf, shifted by 0 instead so exp gives exact
-    # zeros and no NaN in values or gradients.
-    row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [T, 1]
-    maybe_empty = mask is not None or bias is not None  # else every row max is finite
-    if maybe_empty:
+        logits = jnp.where(mask, logits, NEG)
+    # The max is only for stability (softmax is shift-invariant), hence no gradient; a row
+    # whose bias is all -inf has max -inf, shifted by 0 instead.
+    row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [..., 1]
+    if bias is not None:
         row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    e = jnp.exp(logits - row_max)  # [T, S]; masked keys -> exactly 0
-    denom = jnp.sum(e, axis=-1, keepdims=True)  # [T, 1]
-    if maybe_empty:
-        denom = jnp.where(denom > 0, denom, 1.0)  # fully masked row -> out 0, not 0/0
-    # 4. weighted sum of the values. Normalising after the matmul costs T×V divisions
-    # instead of T×S.
-    p = e if keep is None else e * keep
-    out = jnp.einsum(
-        "TS,SV->TV", p.astype(v.dtype), v, precision=precision, preferred_element_type=acc
-    )
-    out = out / denom  # [T, V]
-    lse = (row_max + jnp.log(denom))[:, 0]  # [T]
-    weights = e / denom if want_weights else None
-    return out, lse, weights
+    e = jnp.exp(logits - row_max)  # [..., S]
+    if mask is not None:  # a fully masked row has max NEG: exp(NEG - NEG) = 1, not 0
+        e = jnp.where(mask, e, 0.0)
+    denom = jnp.sum(e, axis=-1, keepdims=True)  # [..., 1]
+    if mask is None and bias is None:  # every row has a key with e = 1
+        return e / denom, (row_max + jnp.log(denom))[..., 0]
+    seen = denom > 0
+    denom = jnp.where(seen, denom, 1.0)
+    lse = jnp.where(seen, row_max + jnp.log(denom), NEG)[..., 0]
+    return e / denom, lse
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, bias=None):
@@ -119,7 +188,7 @@ def scaled_dot_product_attention(q, k, v, mask=None, bias=None):
       q: queries ``[T, H]``.
       k: keys ``[S, H]``.
       v: values ``[S, V]``.
-      mask: optional bool, broadcastable to ``[T, S]``; True = attend. Masked keys get
+      mask: optional, broadcastable to ``[T, S]``; True (nonzero) = attend. Masked keys get
         weight exactly 0; a query with every key masked gets zero output (never NaN).
       bias: optional float, broadcastable to ``[T, S]``, added to the scaled scores.
 
@@ -166,50 +235,81 @@ def dot_product_attention(
     value,
     bias=None,
     mask=None,
-    *,
     broadcast_dropout: bool = True,
     dropout_rng=None,
     dropout_rate: float = 0.0,
-    deterministic: bool = True,
+    deterministic: bool = False,
     dtype=None,
     precision=None,
-    implementation: Implementation | None = None,
-    return_weights: bool = False,
     module: Any = None,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general=None,
+    qk_attn_weights_einsum=None,
+    attn_weights_value_einsum=None,
+    *,
+    scale=None,
     is_causal: bool = False,
+    query_seq_lengths=None,
     key_value_seq_lengths=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: Implementation | None = None,
+    return_residual: bool = False,
+    return_weights: bool = False,
 ):
     """Multi-head scaled dot-product attention: the one-head function over heads and batch.
 
-    Signature-compatible with ``flax.linen.dot_product_attention``, so it can be passed as
-    ``attention_fn`` to ``flax.linen.MultiHeadDotProductAttention`` (which also hands it
-    ``module`` when ``sow_weights=True``; the weights are then sown into ``intermediates``).
+    Takes every argument of ``flax.linen.dot_product_attention`` (same positions, same
+    meaning), so it can be passed as ``attention_fn`` to ``flax.linen``'s and ``flax.nnx``'s
+    ``MultiHeadAttention`` (which hand it ``module`` when ``sow_weights=True``; the weights
+    are then sown into ``intermediates``), and every keyword argument of
+    ``jax.nn.dot_product_attention`` except grouped-query heads (key/value heads K != N).
+    One deliberate difference from both: a query that sees no key at all gets a zero output
+    (they average the values).
 
     Args:
       query: ``[..., T, N, H]``.
       key: ``[..., S, N, H]``.
       value: ``[..., S, N, V]``.
       bias: optional float, broadcastable to ``[..., N, T, S]``, added to the scaled scores.
-      mask: optional bool, broadcastable to ``[..., N, T, S]``; True = attend.
+      mask: optional, broadcastable to ``[..., N, T, S]``; True = attend. Any dtype: as in
+        flax, nonzero = attend (Flax's ``make_causal_mask`` gives float32 0/1).
       broadcast_dropout: share one dropout pattern across batch and heads (flax's default).
       dropout_rng: PRNG key for attention dropout.
       dropout_rate: probability of dropping an attention weight, in [0, 1).
-      deterministic: if True (the default), no dropout.
-      dtype: computation dtype (default: the promoted dtype of query, key, value).
+      deterministic: no dropout if True. As in flax the default is False, and dropout happens
+        only when ``dropout_rate > 0`` (then a ``dropout_rng`` is required).
+      dtype: computation dtype (default: the promoted dtype of query, key, value, as flax).
       precision: matmul precision (``jax.lax.Precision``), as in flax.
-      implementation: ``'xla'``, ``'blockwise'``, ``'cudnn'``, ``'pallas'``, or
-        None/``'auto'`` for the fastest valid one (see the module docstring). An explicit
-        choice that cannot run this call raises a ValueError saying why.
-      return_weights: also return the attention weights ``[..., N, T, S]`` (before dropout),
-        computed by the same code path, e.g. for visualisation.
       module: a Flax module to ``sow`` the weights into (``intermediates/attention_weights``).
+      force_fp32_for_softmax: accepted for flax; the softmax here is always float32 (or
+        float64 for float64 inputs), so it changes nothing.
+      einsum_dot_general: replaces ``jax.lax.dot_general`` in both matmuls, as in flax.
+      qk_attn_weights_einsum, attn_weights_value_einsum: flax's einsum overrides, given
+        together and not with ``precision``/``einsum_dot_general``: called as
+        ``qk('...qhd,...khd->...hqk', query / √H, key)`` and
+        ``av('...hqk,...khd->...qhd', weights, value)``. Only ``'xla'`` runs them.
+      scale: the logit scale (default ``1/√H``), as in jax.nn. A traced value only runs on
+        ``'xla'``.
       is_causal: query t attends only keys s <= t (top-left aligned when T != S, as in
         ``jax.nn.dot_product_attention``); combined with ``mask`` if both are given.
-      key_value_seq_lengths: optional int ``[...]`` (the batch dims): keys at or past the
-        length are masked (right padding).
+      query_seq_lengths: optional int ``[...]`` (the batch dims): queries at or past the
+        length get a zero output (and weights, and residual ``NEG``), as jax.nn.
+      key_value_seq_lengths: optional int ``[...]``: keys at or past the length are masked.
+      local_window_size: ``(left, right)`` or an int w for ``(w, w)``: query t attends only
+        keys ``t - left <= s <= t + right`` (jax.nn's sliding window).
+      implementation: ``'xla'``, ``'blockwise'``, ``'blockwise_autodiff'``, ``'cudnn'``,
+        ``'pallas'``, None (the fastest that serves every transform) or ``'auto'`` (the
+        fastest, possibly reverse-mode only); see the module docstring. An explicit choice
+        that cannot run this call raises a ValueError saying why.
+      return_residual: also return the log-sum-exp of each row's scaled logits,
+        ``[..., T, N]`` in ``dtype`` with its gradient stopped, as jax.nn (``NEG`` =
+        -0.7·float32 max for a query that sees no key).
+      return_weights: also return the attention weights ``[..., N, T, S]`` (before dropout),
+        e.g. for visualisation (``'blockwise'`` recomputes them from its log-sum-exp).
 
     Returns:
-      ``out [..., T, N, V]`` in ``dtype``, or ``(out, weights)`` with ``return_weights``.
+      ``out [..., T, N, V]`` in ``dtype``; ``(out, weights)`` with ``return_weights``,
+      ``(out, residual)`` with ``return_residual``, ``(out, weights, residual)`` with both.
     """
     name = "dot_product_attention"
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
@@ -227,60 +327,117 @@ def dot_product_attention(
     legend = "[..., N, T, S]"
     mask = _check_mask(name, mask, target, legend)
     bias = _check_bias(name, bias, target, legend)
-    lengths = _check_lengths(name, key_value_seq_lengths, tuple(batch))
+    kv_lengths = _check_lengths(name, "key_value_seq_lengths", key_value_seq_lengths,
+                                tuple(batch))  # fmt: skip
+    q_lengths = _check_lengths(name, "query_seq_lengths", query_seq_lengths, tuple(batch))
+    window = _check_window(name, local_window_size)
+    scale = _check_scale(name, scale, H)
+    einsums = _check_einsums(name, precision, einsum_dot_general, qk_attn_weights_einsum,
+                             attn_weights_value_einsum)  # fmt: skip
     dropout = _check_dropout(name, dropout_rate, deterministic, dropout_rng)
-    want_weights = return_weights or module is not None
+    want_weights = bool(return_weights) or module is not None
+    # What only some implementations can take (the fused kernels none of these).
+    features = {
+        "query_seq_lengths": q_lengths is not None,
+        "local_window_size": window is not None,
+        "return_residual": bool(return_residual),
+        "qk_attn_weights_einsum/attn_weights_value_einsum": einsums is not None,
+        "einsum_dot_general": einsum_dot_general is not None,
+        "a traced scale": not isinstance(scale, float),
+    }
     impl = _resolve_implementation(
         name, implementation, q_shape=query.shape, k_shape=key.shape, v_shape=value.shape,
         dtype=dtype, has_mask=mask is not None, has_bias=bias is not None,
-        is_causal=bool(is_causal), has_lengths=lengths is not None, dropout=dropout,
-        want_weights=want_weights,
+        is_causal=bool(is_causal), has_lengths=kv_lengths is not None, dropout=dropout,
+        want_weights=want_weights, features=[f for f, used in features.items() if used],
     )  # fmt: skip
     mask = None if mask is None else _lead_pad(mask, len(target))  # [*b|1, N|1, T|1, S|1]
     bias = None if bias is None else _lead_pad(bias, len(target))
-    scale = 1.0 / math.sqrt(H)
 
     if impl in ("cudnn", "pallas"):
         q, k, v = (x.astype(dtype) for x in (query, key, value))
-        return _kernel_path(impl, q, k, v, mask, bias, lengths, is_causal=bool(is_causal),
+        return _kernel_path(impl, q, k, v, mask, bias, kv_lengths, is_causal=bool(is_causal),
                             scale=scale)  # fmt: skip
 
     # Heads first: [..., T, N, H] -> [..., N, T, H].
     q, k, v = (jnp.swapaxes(x.astype(dtype), -3, -2) for x in (query, key, value))
-    if impl == "blockwise":
-        out = blockwise.blockwise_attention(
-            q, k, v, mask, bias, scale=scale, is_causal=bool(is_causal),
-            kv_lengths=None if lengths is None else lengths[..., None],  # [*b, N=1]
-            dropout_rate=dropout, dropout_rng=dropout_rng,
-            broadcast_dropout=broadcast_dropout, precision=precision,
+    structural = _structural_mask(T, S, bool(is_causal), window, kv_lengths, q_lengths,
+                                  len(target))  # fmt: skip
+    if impl in _BLOCKWISE:
+        try:
+            out, lse = blockwise.blockwise_attention(
+                q, k, v, mask, bias, scale=scale, is_causal=bool(is_causal),
+                kv_lengths=None if kv_lengths is None else kv_lengths[..., None],  # [*b, N=1]
+                local_window=window, dropout_rate=dropout, dropout_rng=dropout_rng,
+                broadcast_dropout=broadcast_dropout, precision=precision,
+                autodiff=impl == "blockwise_autodiff", return_lse=True,
+            )  # fmt: skip  # out [*b, N, T, V], lse [*b, N, T]
+        except TypeError as e:  # jvp of the custom VJP, caught where jax raises it in here
+            if "forward-mode" not in str(e):
+                raise
+            raise TypeError(
+                f"{name}: implementation='blockwise' has a custom VJP, so it serves reverse "
+                "mode only (grad, vjp); for jvp, jacfwd or hessian use "
+                "implementation='blockwise_autodiff' (the same O(T) memory, every transform), "
+                "'xla', or None"
+            ) from e
+        if q_lengths is not None:  # queries past their length: output 0, as jax.nn
+            rows = _lead_pad(jnp.arange(T), len(batch) + 2) < q_lengths[..., None, None]
+            out = jnp.where(rows[..., None], out, 0.0)
+            lse = jnp.where(rows, lse, NEG)
+        weights = None
+        if want_weights:  # exp(logits - lse): the normaliser from the blockwise pass
+            full = structural if mask is None else _and(mask, structural)
+            logits = jnp.einsum("...TH,...SH->...TS", q, k, precision=precision,
+                                preferred_element_type=_acc_dtype(q)) * scale  # fmt: skip
+            if bias is not None:
+                logits = logits + bias.astype(logits.dtype)
+            if full is not None:
+                logits = jnp.where(full, logits, NEG)
+            weights = jnp.exp(logits - lse[..., None])  # [*b, N, T, S]
+            if full is not None:
+                weights = jnp.where(full, weights, 0.0)
+    else:
+        if structural is not None:
+            mask = structural if mask is None else jnp.logical_and(mask, structural)
+        out, lse, weights = _xla_path(
+            q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout, scale=scale,
+            precision=precision, want_weights=want_weights, dot_general=einsum_dot_general,
+            einsums=einsums,
         )  # fmt: skip
-        return jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, V]
-
-    structural = _structural_mask(T, S, bool(is_causal), lengths, len(target))
-    if structural is not None:
-        mask = structural if mask is None else jnp.logical_and(mask, structural)
-    out, weights = _xla_path(
-        q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout,
-        scale=scale, precision=precision, want_weights=want_weights,
-    )  # fmt: skip
     out = jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, V]
+    result = [out]
     if want_weights:
         weights = weights.astype(dtype)  # [..., N, T, S]
         if module is not None:
             module.sow("intermediates", "attention_weights", weights)
         if return_weights:
-            return out, weights
-    return out
+            result.append(weights)
+    if return_residual:  # [..., N, T] -> [..., T, N], as jax.nn
+        result.append(lax.stop_gradient(jnp.swapaxes(lse, -2, -1).astype(dtype)))
+    return result[0] if len(result) == 1 else tuple(result)
 
 
-def _structural_mask(T, S, is_causal, lengths, rank):
-    """The causal and key-length masks as one bool [*b|1, 1, T|1, S] array (None if neither)."""
+def _and(a, b):
+    return b if a is None else (a if b is None else jnp.logical_and(a, b))
+
+
+def _structural_mask(T, S, is_causal, window, kv_lengths, q_lengths, rank):
+    """The causal, window and length masks as one bool [*b|1, 1, T|1, S|1] array (None if
+    none applies)."""
     mask = None
+    rows, cols = jnp.arange(T)[:, None], jnp.arange(S)[None, :]  # [T, 1], [1, S]
     if is_causal:  # top-left aligned: query t sees keys s <= t
-        mask = _lead_pad(jnp.arange(T)[:, None] >= jnp.arange(S)[None, :], rank)
-    if lengths is not None:
-        keys = _lead_pad(jnp.arange(S), rank) < lengths[..., None, None, None]  # [*b, 1, 1, S]
-        mask = keys if mask is None else jnp.logical_and(mask, keys)
+        mask = _lead_pad(rows >= cols, rank)
+    if window is not None:  # jax.nn: t - left <= s <= t + right
+        left, right = window
+        mask = _and(mask, _lead_pad((rows <= cols + left) & (rows >= cols - right), rank))
+    if kv_lengths is not None:
+        keys = _lead_pad(jnp.arange(S), rank) < kv_lengths[..., None, None, None]  # [*b,1,1,S]
+        mask = _and(mask, keys)
+    if q_lengths is not None:
+        queries = _lead_pad(rows, rank) < q_lengths[..., None, None, None]  # [*b, 1, T, 1]
+        mask = _and(mask, queries)
     return mask
 
 
@@ -312,23 +469,31 @@ def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
 
 
 def _xla_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale, precision,
-              want_weights):  # fmt: skip
-    """vmap of the one-head function over heads, then batch dims: one XLA computation."""
+              want_weights, dot_general=None, einsums=None):  # fmt: skip
+    """vmap of the one-head function over heads, then batch dims: one XLA computation.
+
+    Returns out [*lead, T, V] (float32 for bf16/f16/f32), lse [*lead, T], weights or None.
+    With flax's einsum overrides (`einsums`), the same steps on the whole [..., N, T, S]
+    instead, calling them with flax's subscripts.
+    """
     lead = q.shape[:-2]  # (*batch, N)
     keep = None
     if dropout:
         shape = (1,) * len(lead) if broadcast_dropout else lead
         kept = jax.random.bernoulli(rng, 1.0 - dropout, (*shape, q.shape[-2], k.shape[-2]))
         keep = kept.astype(_acc_dtype(q)) / (1.0 - dropout)  # [*lead|1, T, S]
-    one_head = functools.partial(
-        _attend, scale=scale, precision=precision, want_weights=want_weights
-    )
-
-    def head(q, k, v, mask, bias, keep):
-        out, _, w = one_head(q, k, v, mask, bias, keep)
-        return out, w
-
-    return _vmap_leading(head, (q, k, v, mask, bias, keep), lead)
+    if einsums is not None:
+        qk, av = einsums
+        # flax's layout and subscripts: [..., T, N, H] in, [..., N, T, S] weights.
+        qt, kt, vt = (jnp.swapaxes(x, -3, -2) for x in (q, k, v))
+        logits = qk("...qhd,...khd->...hqk", qt * jnp.asarray(scale, q.dtype), kt)
+        p, lse = _softmax(logits.astype(_acc_dtype(q)), mask, bias)
+        pd = p if keep is None else p * keep
+        out = av("...hqk,...khd->...qhd", pd.astype(v.dtype), vt)  # [..., T, N, V]
+        return jnp.swapaxes(out, -3, -2), lse, (p if want_weights else None)
+    one_head = functools.partial(_attend, scale=scale, precision=precision,
+                                 want_weights=want_weights, dot_general=dot_general)  # fmt: skip
+    return _vmap_leading(one_head, (q, k, v, mask, bias, keep), lead)
 
 
 def _vmap_leading(fn, args, lead):
@@ -516,7 +681,9 @@ def _check_qkv(name, q, k, v, *, batch_rank):
         if not q.shape[-2] == k.shape[-2] == v.shape[-2]:
             raise ValueError(
                 f"{name}: query, key and value need the same number of heads N "
-                f"(layout [..., T|S, N, H]), got {shapes}"
+                f"(layout [..., T|S, N, H]), got {shapes}; grouped-query attention "
+                "(key/value heads K != N) is not supported, repeat the key and value "
+                "heads to N (jnp.repeat(x, N // K, axis=-2))"
             )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
@@ -539,19 +706,16 @@ def _broadcastable(shape, target) -> bool:
 
 
 def _check_mask(name, mask, target, legend):
+    """The mask as bool. As in flax (``jnp.where(mask, ...)``) any dtype is accepted and
+    nonzero means attend: Flax's ``make_causal_mask``/``make_attention_mask`` give float32."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(
-            f"{name}: mask must be bool (True = attend), got dtype {mask.dtype}; "
-            "for additive float masks use bias="
-        )
     if not _broadcastable(mask.shape, target):
         raise ValueError(
             f"{name}: mask of shape {mask.shape} is not broadcastable to {legend} = {target}"
         )
-    return mask
+    return mask if mask.dtype == jnp.bool_ else mask.astype(jnp.bool_)
 
 
 def _check_bias(name, bias, target, legend):
@@ -571,60 +735,120 @@ def _lead_pad(x, rank):
     return x.reshape((1,) * (rank - x.ndim) + x.shape)
 
 
-def _check_lengths(name, lengths, batch):
+def _check_lengths(name, argname, lengths, batch):
     if lengths is None:
         return None
     lengths = jnp.asarray(lengths)
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(
-            f"{name}: key_value_seq_lengths must be an integer array, got dtype {lengths.dtype}"
-        )
+        raise TypeError(f"{name}: {argname} must be an integer array, got dtype {lengths.dtype}")
     if lengths.shape != batch:
         raise ValueError(
-            f"{name}: key_value_seq_lengths must have the batch shape {batch} of query "
+            f"{name}: {argname} must have the batch shape {batch} of query "
             f"[..., T, N, H], got {lengths.shape}"
         )
     return lengths.astype(jnp.int32)
 
 
-def _resolve_implementation(name, implementation, **call) -> str:
+def _check_window(name, window):
+    """local_window_size as (left, right) Python ints >= 0, or None."""
+    if window is None:
+        return None
+    pair = (window, window) if isinstance(window, (int, np.integer)) else window
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2
+    ok = ok and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in pair)
+    if not ok or min(pair) < 0:
+        raise ValueError(
+            f"{name}: local_window_size must be an int >= 0 or a (left, right) pair of ints "
+            f">= 0, got {window!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _check_scale(name, scale, H):
+    """The logit scale: a Python float when it is static (what blockwise and the kernels
+    take), else the traced 0-d array (only 'xla' runs it)."""
+    if scale is None:
+        return 1.0 / math.sqrt(H)
+    if isinstance(scale, jax.core.Tracer):
+        if jnp.ndim(scale) != 0 or not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+            raise TypeError(f"{name}: scale must be a float scalar, got {jax.typeof(scale)}")
+        return scale
+    if np.ndim(scale) != 0 or isinstance(scale, bool):
+        raise TypeError(f"{name}: scale must be a float scalar, got {scale!r}")
+    return float(scale)
+
+
+def _check_einsums(name, precision, dot_general, qk, av):
+    """flax's rules: the two einsum overrides come together and exclude precision and
+    einsum_dot_general. Returns (qk, av) or None."""
+    if (qk is None) != (av is None):
+        raise ValueError(
+            f"{name}: qk_attn_weights_einsum and attn_weights_value_einsum must be specified "
+            "together"
+        )
+    if qk is None:
+        return None
+    if precision is not None or dot_general is not None:
+        raise ValueError(
+            f"{name}: precision/einsum_dot_general and qk_attn_weights_einsum/"
+            "attn_weights_value_einsum are mutually exclusive; give only one of them"
+        )
+    return qk, av
+
+
+def _resolve_implementation(name, implementation, *, features=(), **call) -> str:
     """The implementation that runs this call; an explicit one that cannot gets a ValueError.
 
     `call`: q_shape, k_shape, v_shape, dtype, has_mask, has_bias, is_causal, has_lengths,
     dropout, want_weights (what :func:`attention_jax.kernels.unsupported_reason` takes).
+    `features`: the arguments this call uses that only some implementations take (the fused
+    kernels none; blockwise not the einsum overrides, einsum_dot_general, a traced scale).
     """
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(
             f"{name}: implementation must be one of {IMPLEMENTATIONS} or None, "
             f"got {implementation!r}"
         )
+    features = tuple(features)
+    dense_only = tuple(f for f in features if f in _DENSE_ONLY)
     if implementation == "xla":
         return "xla"
-    if implementation == "blockwise":
-        if call["want_weights"]:
+    if implementation in _BLOCKWISE:
+        if dense_only:
             raise ValueError(
-                f"{name}: implementation='blockwise' never forms the [T, S] weights, so it "
-                "cannot return or sow them; use implementation='xla' for weights"
+                f"{name}: implementation={implementation!r} cannot take "
+                f"{', '.join(dense_only)}; use implementation='xla'"
             )
-        return "blockwise"
+        return implementation
     if implementation in ("cudnn", "pallas"):
         from attention_jax import kernels
 
-        reason = kernels.unsupported_reason(implementation, **call)
+        reason = None
+        if features:
+            reason = (
+                f"the fused kernels cannot take {', '.join(features)}; use "
+                "implementation='xla' or 'blockwise'"
+            )
+        reason = reason or kernels.unsupported_reason(implementation, **call)
         if reason is not None:
             raise ValueError(f"{name}: implementation={implementation!r} cannot run here: {reason}")
         return implementation
     (T, N, _), S = call["q_shape"][-3:], call["k_shape"][-3]
     backend = jax.default_backend()
     reasons = {}
-    if backend in ("gpu", "tpu") and not call["want_weights"]:
+    # None serves every transform, so never a kernel (their custom VJPs have no forward
+    # mode); 'auto' may pick one, and the VJP-only 'blockwise'.
+    if implementation == "auto" and backend in ("gpu", "tpu") and not call["want_weights"]:
         from attention_jax import kernels
 
         reasons = {nm: kernels.unsupported_reason(nm, **call) for nm in ("cudnn", "pallas")}
+        if features:
+            reasons = dict.fromkeys(reasons, "argument")
     G = math.prod(call["q_shape"][:-3]) * N
     return blockwise.choose_implementation(backend=backend, T=T, S=S, num_heads=G,
-                                           want_weights=call["want_weights"],
-                                           kernel_reasons=reasons)  # fmt: skip
+                                           want_weights=call["want_weights"] or bool(dense_only),
+                                           kernel_reasons=reasons,
+                                           forward_mode=implementation is None)  # fmt: skip
 
 
 def _check_dropout(name, rate, deterministic, rng) -> float:

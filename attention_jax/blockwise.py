@@ -22,7 +22,26 @@ float32. Here each head is computed in tiles of ``query_block × key_block`` (th
   so a mask shared across rows (``[1, S]``) stays O(S).
 
 Causal masking is top-left aligned, as in ``jax.nn.dot_product_attention``: query ``t`` sees
-keys ``s <= t`` (for T = S that is the usual decoder mask).
+keys ``s <= t`` (for T = S that is the usual decoder mask). A local window ``(left, right)``
+(jax.nn's ``local_window_size``) limits query ``t`` to keys ``t - left <= s <= t + right``,
+and its tiles outside the band are skipped too.
+
+* **Two ways to differentiate.** The custom VJP above serves reverse mode only (a
+  ``jax.custom_vjp`` has no forward mode). ``autodiff=True`` runs the same forward with
+  static loop bounds (a ``lax.cond`` skips the invisible tiles), ``jax.checkpoint`` on each
+  query block and each tile step, and leaves differentiation to JAX: every transform
+  (``jvp``, ``jacfwd``, ``hessian``, ``vmap`` of ``grad``), memory still O(T), backward
+  slower (numbers in :mod:`attention_jax.attention`). Its P·V product runs in float32 for
+  bf16/f16 (see ``_forward``); still, autodiff of ``o / l`` forms the softmax gradient as
+  a difference of two separately rounded terms, so where one key takes all but ~1e-13 of
+  a row's weight the (near-zero) gradient of that row is only float32-accurate in
+  absolute terms, not relative ones (the custom VJP and ``'xla'`` are).
+* **Masking without infinities.** Masked logits get ``NEG`` (finite) and the masked
+  entries of ``exp`` are zeroed explicitly, so no inf is ever computed (``jax.debug_infs``).
+* **Meshes.** Inside ``jax.shard_map`` the loop carries are made varying over the manual
+  axes their inputs vary over (``lax.pcast``); lead dims sharded over an explicit mesh axis
+  (``AxisType.Explicit``) are ``vmap``-ped rather than ``lax.map``-ped, since ``lax.map``
+  cannot scan over a sharded axis.
 
 Heads run in groups (``lax.map`` with ``batch_size``: vmapped inside a group, groups in
 sequence) sized so one group's float32 tiles fit a per-backend budget: on CPU about the L2
@@ -54,9 +73,22 @@ _BLOCKS = {"cpu": (256, 512), "gpu": (1024, 1024), "tpu": (1024, 1024)}
 _TILE_BUDGET_BYTES = {"cpu": 1 << 21, "gpu": 1 << 30, "tpu": 1 << 30}
 
 
+# A large finite negative (jax.nn's choice, -0.7 × the float32 max) for masked logits instead
+# of -inf: no operation ever produces an inf (``jax.debug_infs`` stays quiet), and
+# ``NEG - m`` stays finite for every finite row max m. It is also the log-sum-exp reported
+# for a row that sees no key.
+NEG = -0.7 * float(np.finfo(np.float32).max)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Static configuration of one blockwise attention call (hashable: a jit/VJP constant)."""
+    """Static configuration of one blockwise attention call (hashable: a jit/VJP constant).
+
+    ``window``: ``(left, right)``: query t sees keys ``t - left <= s <= t + right`` (None: all).
+    ``autodiff``: static loop bounds, ``jax.checkpoint`` and plain autodiff instead of the
+    custom VJP: serves every transform (``jvp``, ``jacfwd``, ``hessian``) at the cost of a
+    slower backward pass and no tile skipping under ``vmap`` of per-head lengths.
+    """
 
     query_block: int
     key_block: int
@@ -64,10 +96,13 @@ class Plan:
     causal: bool = False
     dropout_rate: float = 0.0
     precision: Any = None
+    window: tuple[int, int] | None = None
+    autodiff: bool = False
 
 
 def default_plan(T: int, S: int, *, scale: float, causal: bool = False, dropout_rate: float = 0.0,
-                 precision=None, query_block: int | None = None, key_block: int | None = None,
+                 precision=None, window=None, autodiff: bool = False,
+                 query_block: int | None = None, key_block: int | None = None,
                  backend: str | None = None) -> Plan:  # fmt: skip
     """The tile sizes for this backend, shrunk to T and S when those are shorter."""
     qb, kb = _BLOCKS.get(backend or jax.default_backend(), _BLOCKS["gpu"])
@@ -75,8 +110,9 @@ def default_plan(T: int, S: int, *, scale: float, causal: bool = False, dropout_
     for nm, b in (("query_block", qb), ("key_block", kb)):
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
             raise ValueError(f"blockwise attention: {nm} must be a positive int, got {b!r}")
+    window = None if window is None else (int(window[0]), int(window[1]))
     return Plan(min(int(qb), T), min(int(kb), S), float(scale), bool(causal),
-                float(dropout_rate), precision)  # fmt: skip
+                float(dropout_rate), precision, window, bool(autodiff))  # fmt: skip
 
 
 def heads_per_step(plan: Plan, num_heads: int, backend: str | None = None) -> int:
@@ -118,12 +154,43 @@ def _rows(x, i, block):
     return lax.dynamic_slice_in_dim(x, i * block, block, 0)
 
 
+def _vary(tree, *refs):
+    """`tree` made varying over every manual mesh axis that one of `refs` varies over.
+
+    Inside ``jax.shard_map`` a loop carry must keep its type, and that includes the manual
+    axes it varies over: a carry initialised from constants (``jnp.zeros``) is invariant,
+    the body's output (computed from sharded q, k, v) is varying. Outside shard_map: a no-op.
+    """
+    axes = set()
+    for r in refs:
+        if r is not None:
+            axes |= _varying_axes(r)
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _varying_axes(x) -> set:
+    """The manual mesh axes x varies over (its type's ``{V:...}``; empty outside shard_map)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(aval, "vma", None) or ())  # older jax
+
+
 def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, *, edge=True):
-    """Scaled, biased, masked logits of tile (i, j), [qb, kb], and its dropout multiplier.
+    """Scaled, biased, masked logits of tile (i, j), [qb, kb], its dropout multiplier and its
+    bool validity ([qb|1, kb|1], None when every key is visible).
 
     `limit` (traced int or None): keys at or past it are masked (key padding, tile padding).
-    `edge`: the tile may cross the diagonal or the limit, so causality and the limit are
-    applied; False for the tiles the loop bounds know to be wholly visible (most of them).
+    `edge`: the tile may cross the diagonal, the window or the limit, so those are applied;
+    False for the tiles the loop bounds know to be wholly visible (most of them).
     """
     qb, kb = plan.query_block, plan.key_block
     s = jnp.einsum("TH,SH->TS", q_i, k_j, precision=plan.precision, preferred_element_type=acc)
@@ -133,19 +200,22 @@ def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, *, edge=True):
         s = s + b.astype(acc)
     valid = _tile(mask, i, j, plan)
     cols = j * kb + lax.broadcasted_iota(jnp.int32, (1, kb), 1)
+    rows = i * qb + lax.broadcasted_iota(jnp.int32, (qb, 1), 0)
     if plan.causal and edge:
-        rows = i * qb + lax.broadcasted_iota(jnp.int32, (qb, 1), 0)
         valid = _and(valid, rows >= cols)
+    if plan.window is not None and edge:
+        left, right = plan.window
+        valid = _and(valid, (rows <= cols + left) & (rows >= cols - right))
     if limit is not None and edge:
         valid = _and(valid, cols < limit)
     if valid is not None:
-        s = jnp.where(valid, s, -jnp.inf)
+        s = jnp.where(valid, s, NEG)
     keep = None
     if plan.dropout_rate:
         tile_rng = jax.random.fold_in(jax.random.fold_in(rng, i), j)
         kept = jax.random.bernoulli(tile_rng, 1.0 - plan.dropout_rate, (qb, kb))
         keep = kept.astype(acc) / (1.0 - plan.dropout_rate)
-    return s, keep
+    return s, keep, valid
 
 
 def _and(a, b):
@@ -159,44 +229,57 @@ def _key_limit(S, padded_S, kv_len):
     return jnp.clip(kv_len, 0, S).astype(jnp.int32)
 
 
-def _key_blocks_end(plan, i, limit, nk):
-    """One past the last key block that query block i must visit."""
-    end = nk
+def _key_blocks(plan, i, limit, nk):
+    """(start, whole, end) for query block i: it visits key blocks [start, end); blocks
+    [start, whole) are wholly visible to every row (no causal, window or length masking),
+    blocks [whole, end) need it."""
+    qb, kb = plan.query_block, plan.key_block
+    start, end = 0, nk
     if plan.causal:  # the block's last row, i*qb + qb - 1, sees keys up to that index
-        end = jnp.minimum(end, ((i + 1) * plan.query_block - 1) // plan.key_block + 1)
+        end = jnp.minimum(end, ((i + 1) * qb - 1) // kb + 1)
+    if plan.window is not None:  # rows [i*qb, (i+1)*qb) see keys [i*qb - left, .. + right]
+        left, right = plan.window
+        start = jnp.maximum(0, (i * qb - left) // kb)
+        end = jnp.minimum(end, ((i + 1) * qb - 1 + right) // kb + 1)
     if limit is not None:
-        end = jnp.minimum(end, _cdiv(limit, plan.key_block))
-    return end
-
-
-def _key_blocks_whole(plan, i, limit, end):
-    """Key blocks [0, this) are wholly visible to every row of query block i (no causal or
-    length masking needed); blocks [this, end) need it."""
+        end = jnp.minimum(end, _cdiv(limit, kb))
+        if plan.window is not None:  # the band starts at or past the limit: nothing
+            end = jnp.where(i * qb - plan.window[0] >= limit, start, end)
+    end = jnp.maximum(end, start)
+    if plan.window is not None:
+        return start, start, end
     whole = end
     if plan.causal:  # block j's last key, (j+1)*kb - 1, is <= the block's first row i*qb
-        whole = jnp.minimum(whole, (i * plan.query_block + 1) // plan.key_block)
+        whole = jnp.minimum(whole, (i * qb + 1) // kb)
     if limit is not None:
-        whole = jnp.minimum(whole, limit // plan.key_block)
-    return whole
+        whole = jnp.minimum(whole, limit // kb)
+    return start, jnp.maximum(whole, start), end
 
 
-def _query_blocks_whole(plan, j, limit, start, nq):
-    """Query blocks [this, nq) see every key of key block j (blocks [start, this) need
-    causal or length masking)."""
+def _query_blocks(plan, j, limit, nq):
+    """(start, whole, stop) for key block j: query blocks [start, stop) see some of its
+    keys; [start, whole) need causal, window or length masking, [whole, stop) see them all."""
+    qb, kb = plan.query_block, plan.key_block
+    start, stop = 0, nq
+    if plan.causal:
+        start = (j * kb) // qb
+    if plan.window is not None:  # key s is seen by rows [s - right, s + left]
+        left, right = plan.window
+        last = (j + 1) * kb - 1 if limit is None else jnp.minimum((j + 1) * kb, limit) - 1
+        start = jnp.maximum(start, jnp.maximum(0, (j * kb - right) // qb))
+        stop = jnp.minimum(stop, (last + left) // qb + 1)
+    if limit is not None:
+        start = jnp.where(j * kb < limit, start, nq)
+    start = jnp.minimum(start, nq)  # never past the last query block: [start, stop) empty
+    stop = jnp.maximum(stop, start)
+    if plan.window is not None:
+        return start, stop, stop
     whole = start
     if plan.causal:  # the block's first row i*qb is >= the key block's last key
-        whole = jnp.maximum(whole, _cdiv((j + 1) * plan.key_block - 1, plan.query_block))
+        whole = jnp.maximum(whole, _cdiv((j + 1) * kb - 1, qb))
     if limit is not None:  # a key block crossing the limit is masked for every query
-        whole = jnp.where((j + 1) * plan.key_block <= limit, whole, nq)
-    return jnp.minimum(whole, nq)
-
-
-def _query_blocks_start(plan, j, limit, nq):
-    """The first query block that key block j contributes to (nq: none)."""
-    start = (j * plan.key_block) // plan.query_block if plan.causal else 0
-    if limit is not None:
-        start = jnp.where(j * plan.key_block < limit, start, nq)
-    return start
+        whole = jnp.where((j + 1) * kb <= limit, whole, nq)
+    return start, jnp.minimum(whole, stop), stop
 
 
 # --------------------------------------------------------------------------------------
@@ -214,13 +297,15 @@ def _padded(plan, q, k, v, mask, bias):
 
 
 def _forward(plan, q, k, v, mask, bias, kv_len, rng):
-    """out [T, V] and lse [T] of one head, in the accumulation dtype."""
+    """out [T, V] and lse [T] of one head, in the accumulation dtype; lse is NEG for a row
+    that sees no key (its output is 0)."""
     T, S, V = q.shape[0], k.shape[0], v.shape[1]
     acc = jnp.promote_types(q.dtype, _F32)
     nq, nk, qp, kp, vp, mask, bias = _padded(plan, q, k, v, mask, bias)
     limit = _key_limit(S, kp.shape[0], kv_len)
     qb, kb = plan.query_block, plan.key_block
     mm = dict(precision=plan.precision, preferred_element_type=acc)
+    refs = (q, k, v, mask, bias, kv_len, rng)
 
     def query_block(i):
         q_i = _rows(qp, i, qb)
@@ -228,26 +313,49 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
         def key_block(j, carry, edge):
             m, l, o = carry  # [qb], [qb], [qb, V]
             k_j = _rows(kp, j, kb)
-            s, keep = _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, edge=edge)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # row masked so far: shift 0
-            p = jnp.exp(s - m_safe[:, None])  # [qb, kb]; masked -> exactly 0
-            alpha = jnp.exp(m - m_safe)  # rescales the old sums; m = -inf -> 0
+            s, keep, valid = _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc,
+                                     edge=edge)  # fmt: skip
+            # The max only stabilises (the result does not depend on it): no gradient.
+            m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a -inf bias row: shift 0
+            p = jnp.exp(s - m_safe[:, None])  # [qb, kb]
+            if valid is not None:  # a row masked so far has m = NEG: exp(NEG - NEG) = 1
+                p = jnp.where(valid, p, 0.0)
+            alpha = jnp.exp(m - m_safe)  # rescales the old sums (0 when m was NEG)
             l = l * alpha + jnp.sum(p, axis=-1)
             p = p if keep is None else p * keep
-            pv = jnp.einsum("TS,SV->TV", p.astype(v.dtype), _rows(vp, j, kb), **mm)
+            # Under plain autodiff the gradient of o / l pairs the cotangent of this product
+            # with one taken from o; for bf16/f16 a low-precision product would round the
+            # first and not the second, and where one key dominates a row their difference
+            # (the gradient) cancels catastrophically. So that variant multiplies in acc.
+            # (The custom VJP forms both from the same dO·Vᵀ, so it keeps v's dtype.)
+            pv_dtype = acc if plan.autodiff else v.dtype
+            v_j = _rows(vp, j, kb).astype(pv_dtype)
+            pv = jnp.einsum("TS,SV->TV", p.astype(pv_dtype), v_j, **mm)
             return m_new, l, o * alpha[:, None] + pv
 
-        init = (jnp.full((qb,), -jnp.inf, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, V), acc))
-        end = _key_blocks_end(plan, i, limit, nk)
-        whole = _key_blocks_whole(plan, i, limit, end)
-        carry = lax.fori_loop(0, whole, functools.partial(key_block, edge=False), init)
-        m, l, o = lax.fori_loop(whole, end, functools.partial(key_block, edge=True), carry)
+        init = (jnp.full((qb,), NEG, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, V), acc))
+        init = _vary(init, *refs)
+        start, whole, end = _key_blocks(plan, i, limit, nk)
+        if plan.autodiff:  # static bounds: a scan, which reverse mode can differentiate
+
+            def step(j, carry):
+                inside = (j >= start) & (j < end)
+                return lax.cond(inside, functools.partial(key_block, j, edge=True),
+                                lambda c: c, carry)  # fmt: skip
+
+            m, l, o = lax.fori_loop(0, nk, jax.checkpoint(step), init)
+        else:
+            carry = lax.fori_loop(start, whole, functools.partial(key_block, edge=False), init)
+            m, l, o = lax.fori_loop(whole, end, functools.partial(key_block, edge=True), carry)
         seen = l > 0  # False for a row with every key masked: output 0, never 0/0
-        out = o / jnp.where(seen, l, 1.0)[:, None]
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        l_safe = jnp.where(seen, l, 1.0)
+        out = o / l_safe[:, None]
+        lse = jnp.where(seen, m + jnp.log(l_safe), NEG)
         return out, lse
 
+    if plan.autodiff:
+        query_block = jax.checkpoint(query_block)
     if nq == 1:
         out, lse = query_block(0)
     else:
@@ -258,25 +366,29 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _head_attention(plan, q, k, v, mask, bias, kv_len, rng):
-    """Attention of one head: out [T, V] in the accumulation dtype."""
-    return _forward(plan, q, k, v, mask, bias, kv_len, rng)[0]
+    """Attention of one head: out [T, V] and lse [T] in the accumulation dtype."""
+    return _forward(plan, q, k, v, mask, bias, kv_len, rng)
 
 
 def _head_attention_fwd(plan, q, k, v, mask, bias, kv_len, rng):
     out, lse = _forward(plan, q, k, v, mask, bias, kv_len, rng)
-    return out, (q, k, v, mask, bias, kv_len, rng, out, lse)
+    return (out, lse), (q, k, v, mask, bias, kv_len, rng, out, lse)
 
 
-def _head_attention_bwd(plan, res, d_out):
+def _head_attention_bwd(plan, res, cotangents):
     q, k, v, mask, bias, kv_len, rng, out, lse = res
+    d_out, d_lse = cotangents
     T, S, H, V = q.shape[0], k.shape[0], q.shape[1], v.shape[1]
     acc = jnp.promote_types(q.dtype, _F32)
     nq, nk, qp, kp, vp, maskp, biasp = _padded(plan, q, k, v, mask, bias)
     limit = _key_limit(S, kp.shape[0], kv_len)
     qb, kb = plan.query_block, plan.key_block
     mm = dict(precision=plan.precision, preferred_element_type=acc)
+    refs = (q, k, v, mask, bias, kv_len, rng, d_out, d_lse, lse)
     d_out = d_out.astype(acc)
-    delta = jnp.sum(d_out * out.astype(acc), axis=-1)  # [T]
+    # d lse / d logits = P, so an lse cotangent enters as dL = P ∘ (dP - delta + d_lse).
+    delta = jnp.sum(d_out * out.astype(acc), axis=-1) - d_lse.astype(acc)  # [T]
+    lse = jnp.where(lse > 0.5 * NEG, lse, 0.0)  # a row that sees no key: P = exp(NEG) = 0
     # Padded query rows: q = 0, dO = 0, delta = 0: they add nothing.
     dop = _pad_axis(d_out, 0, nq * qb, 0).astype(v.dtype)
     lsep, deltap = _pad_axis(lse, 0, nq * qb, 0), _pad_axis(delta, 0, nq * qb, 0)
@@ -288,7 +400,8 @@ def _head_attention_bwd(plan, res, d_out):
         def query_block(i, inner, edge):
             dq, dbias, dk, dv = inner
             q_i, do_i = _rows(qp, i, qb), _rows(dop, i, qb)
-            s, keep = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc, edge=edge)
+            s, keep, _ = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc,
+                                 edge=edge)  # fmt: skip
             p = jnp.exp(s - _rows(lsep, i, qb)[:, None])  # [qb, kb]
             pd = p if keep is None else p * keep
             dv = dv + jnp.einsum("TS,TV->SV", pd.astype(v.dtype), do_i, **mm)
@@ -302,17 +415,17 @@ def _head_attention_bwd(plan, res, d_out):
                 dbias = _add_tile(dbias, dl, i, j, plan)
             return dq, dbias, dk, dv
 
-        init = (dq, dbias, jnp.zeros((kb, H), acc), jnp.zeros((kb, V), acc))
-        start = _query_blocks_start(plan, j, limit, nq)
-        whole = _query_blocks_whole(plan, j, limit, start, nq)
+        zeros = _vary((jnp.zeros((kb, H), acc), jnp.zeros((kb, V), acc)), *refs)
+        init = (dq, dbias, *zeros)
+        start, whole, stop = _query_blocks(plan, j, limit, nq)
         inner = lax.fori_loop(start, whole, functools.partial(query_block, edge=True), init)
         dq, dbias, dk, dv = lax.fori_loop(
-            whole, nq, functools.partial(query_block, edge=False), inner
+            whole, stop, functools.partial(query_block, edge=False), inner
         )
         return (dq, dbias), (dk * plan.scale, dv)
 
     dbias0 = None if bias is None else jnp.zeros(biasp.shape, acc)
-    init = (jnp.zeros((nq * qb, H), acc), dbias0)
+    init = _vary((jnp.zeros((nq * qb, H), acc), dbias0), *refs)
     (dq, dbias), (dk, dv) = lax.scan(key_block, init, jnp.arange(nk))
     dk, dv = dk.reshape(nk * kb, H)[:S], dv.reshape(nk * kb, V)[:S]
     if dbias is not None:
@@ -335,14 +448,21 @@ def _add_tile(dbias, dl, i, j, plan):
 _head_attention.defvjp(_head_attention_fwd, _head_attention_bwd)
 
 
+def _one_head(plan, q, k, v, mask, bias, kv_len, rng):
+    if plan.autodiff:
+        return _forward(plan, q, k, v, mask, bias, kv_len, rng)
+    return _head_attention(plan, q, k, v, mask, bias, kv_len, rng)
+
+
 # --------------------------------------------------------------------------------------
 # Many heads.
 # --------------------------------------------------------------------------------------
 
 
 def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causal: bool = False,
-                        kv_lengths=None, dropout_rate: float = 0.0, dropout_rng=None,
-                        broadcast_dropout: bool = True, precision=None,
+                        kv_lengths=None, local_window=None, dropout_rate: float = 0.0,
+                        dropout_rng=None, broadcast_dropout: bool = True, precision=None,
+                        autodiff: bool = False, return_lse: bool = False,
                         query_block: int | None = None, key_block: int | None = None):  # fmt: skip
     """Blockwise attention over every head, in the heads-first layout.
 
@@ -356,24 +476,54 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
       scale: the logit scale, normally ``1/√H``.
       is_causal: query t sees keys s <= t (top-left aligned), skipping tiles above the diagonal.
       kv_lengths: int ``[*lead|1]``: keys at or past a head's length are masked and skipped.
+      local_window: ``(left, right)``: query t sees keys ``t - left <= s <= t + right``; tiles
+        outside the band are skipped.
       dropout_rate, dropout_rng, broadcast_dropout: attention dropout; the same tile pattern
         for every head when ``broadcast_dropout``.
       precision: matmul precision.
+      autodiff: differentiate by plain autodiff of a checkpointed, static-bound loop (every
+        transform, forward mode included) instead of the custom VJP (reverse mode only).
+      return_lse: also return the log-sum-exp of each row's logits, ``[*lead, T]`` (NEG for
+        a row that sees no key); differentiable.
       query_block, key_block: tile sizes (default: per backend, see ``_BLOCKS``).
 
     Returns:
-      ``[*lead, T, V]`` in the accumulation dtype (float32 for bf16/f16/f32 inputs).
+      ``out [*lead, T, V]`` in the accumulation dtype (float32 for bf16/f16/f32 inputs), or
+      ``(out, lse)`` with ``return_lse``.
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     mask, bias, kv_lengths = (
         None if x is None else jnp.asarray(x) for x in (mask, bias, kv_lengths)
     )
+    T, S = q.shape[-2], k.shape[-2]
+    plan = default_plan(T, S, scale=scale, causal=is_causal, dropout_rate=dropout_rate,
+                        precision=precision, window=local_window, autodiff=autodiff,
+                        query_block=query_block, key_block=key_block)  # fmt: skip
+    rng = dropout_rng if dropout_rate else None
+    out, lse = _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, bool(broadcast_dropout))
+    return (out, lse) if return_lse else out
+
+
+def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
+    """The head map. Lead dims that are explicitly sharded (``AxisType.Explicit`` meshes) are
+    vmapped, one at a time (``lax.map`` cannot scan over a sharded axis); the rest are
+    flattened and run in groups of :func:`heads_per_step` heads."""
     lead = q.shape[:-2]
+    d = _explicitly_sharded_dim(len(lead), q, k, v, mask, bias, kv_lengths)
+    if d is not None:
+        args = (q, k, v, mask, bias, kv_lengths)
+        axes = tuple(None if x is None or x.shape[d] == 1 else d for x in args)
+        rngs, rng_axis = rng, None
+        if rng is not None and not broadcast_dropout:  # a different pattern per slice
+            rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(lead[d]))
+            rng_axis = 0
+        fn = jax.vmap(
+            lambda *xs: _all_heads(plan, *xs[:-1], xs[-1], broadcast_dropout),
+            in_axes=(*axes, rng_axis), out_axes=(d, d), axis_size=lead[d],
+        )  # fmt: skip
+        return fn(*args, rngs)
     T, H, S, V = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     G = math.prod(lead)
-    plan = default_plan(T, S, scale=scale, causal=is_causal, dropout_rate=dropout_rate,
-                        precision=precision, query_block=query_block,
-                        key_block=key_block)  # fmt: skip
     qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, V)
     mask_flat, mask_idx = flatten_lead(mask, lead)
     bias_flat, bias_idx = flatten_lead(bias, lead)
@@ -385,16 +535,30 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
         b1 = None if bias is None else bias_flat[bias_idx[g]]
         n1 = None if kv_lengths is None else len_flat[len_idx[g]]  # scalar
         r1 = None
-        if dropout_rate:
-            r1 = dropout_rng if broadcast_dropout else jax.random.fold_in(dropout_rng, g)
-        return _head_attention(plan, q1, k1, v1, m1, b1, n1, r1)
+        if rng is not None:
+            r1 = rng if broadcast_dropout else jax.random.fold_in(rng, g)
+        return _one_head(plan, q1, k1, v1, m1, b1, n1, r1)
 
     if G == 1:
-        out = head((0, qg[0], kg[0], vg[0]))[None]
+        out, lse = head((0, qg[0], kg[0], vg[0]))
+        out, lse = out[None], lse[None]
     else:
         xs = (jnp.arange(G), qg, kg, vg)
-        out = lax.map(head, xs, batch_size=heads_per_step(plan, G))
-    return out.reshape(*lead, T, V)
+        out, lse = lax.map(head, xs, batch_size=heads_per_step(plan, G))
+    return out.reshape(*lead, T, V), lse.reshape(*lead, T)
+
+
+def _explicitly_sharded_dim(rank, *arrays):
+    """The first of the `rank` leading dims that some array shards over an explicit mesh
+    axis (None when there is none, the usual case: no mesh, auto axes, or shard_map)."""
+    for d in range(rank):
+        for x in arrays:
+            if x is None or x.shape[d] == 1:
+                continue
+            spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+            if spec is not None and len(spec) > d and spec[d] is not None:
+                return d
+    return None
 
 
 def flatten_lead(x, lead):
@@ -425,15 +589,20 @@ GPU_KERNEL_PREFERENCE = ("cudnn", "pallas")
 
 
 def choose_implementation(*, backend: str, T: int, S: int, num_heads: int, want_weights: bool,
-                          kernel_reasons: dict[str, str | None]) -> str:  # fmt: skip
-    """The implementation ``None``/``'auto'`` runs.
+                          kernel_reasons: dict[str, str | None],
+                          forward_mode: bool = False) -> str:  # fmt: skip
+    """The implementation ``None`` / ``'auto'`` runs.
 
     Args:
       backend: ``jax.default_backend()``.
       T, S: query and key lengths; num_heads: batch × heads (G).
-      want_weights: the caller needs the ``[T, S]`` weights (only ``'xla'`` has them).
+      want_weights: the caller needs the ``[T, S]`` weights (then the dense ``'xla'``, which
+        forms them anyway).
       kernel_reasons: for ``'cudnn'`` and ``'pallas'``, None if the kernel can run this call,
-        else why not (:func:`attention_jax.kernels.unsupported_reason`).
+        else why not (:func:`attention_jax.kernels.unsupported_reason`); empty for ``None``,
+        which never picks a kernel.
+      forward_mode: the pick must serve every transform, forward mode included (``None``):
+        ``'blockwise_autodiff'`` instead of the reverse-only ``'blockwise'``.
     """
     if want_weights:
         return "xla"
@@ -443,6 +612,7 @@ def choose_implementation(*, backend: str, T: int, S: int, num_heads: int, want_
                 return name
     if backend == "tpu" and kernel_reasons.get("pallas", "") is None:
         return "pallas"
+    tiled = "blockwise_autodiff" if forward_mode else "blockwise"
     if backend == "cpu":
-        return "blockwise" if T * S * 4 > _CPU_BLOCKWISE_MIN_SCORE_BYTES else "xla"
-    return "blockwise" if num_heads * T * S * 4 > _DENSE_MAX_SCORE_BYTES else "xla"
+        return tiled if T * S * 4 > _CPU_BLOCKWISE_MIN_SCORE_BYTES else "xla"
+    return tiled if num_heads * T * S * 4 > _DENSE_MAX_SCORE_BYTES else "xla"

@@ -311,8 +311,13 @@ def test_dropout_zeroes_weights_and_rescales_the_rest(impl, broadcast, rng):
         q, k, v, dropout_rng=jax.random.key(3), deterministic=False, **kwargs
     )
     np.testing.assert_array_equal(out, again)  # a fixed key is reproducible
-    off = aj.dot_product_attention(q, k, v, dropout_rng=jax.random.key(3), **kwargs)
-    assert rel_err(np.moveaxis(np.asarray(off), 1, 2), w) <= F32_TOL  # deterministic=True
+    # flax's default is deterministic=False: the same draws without saying so.
+    default = aj.dot_product_attention(q, k, v, dropout_rng=jax.random.key(3), **kwargs)
+    np.testing.assert_array_equal(default, out)
+    off = aj.dot_product_attention(
+        q, k, v, dropout_rng=jax.random.key(3), deterministic=True, **kwargs
+    )
+    assert rel_err(np.moveaxis(np.asarray(off), 1, 2), w) <= F32_TOL
 
 
 # ---- Permutation equivariance and word order (the seed's section 3). -----------------

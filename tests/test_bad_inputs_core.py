@@ -34,6 +34,10 @@ sdpa = aj.scaled_dot_product_attention
 mha = aj.multi_head_attention
 
 
+EINSUMS = dict(qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=jnp.einsum)
+DG = jax.lax.dot_general
+
+
 def _esc(s):
     return re.escape(s)
 
@@ -135,20 +139,6 @@ CASES = [
         "mask of shape .* is not broadcastable",
     ),
     (
-        "dpa-mask-int",
-        lambda q, k, v, m: dpa(q, k, v, mask=m),
-        (Q, K, V, np.ones((T, S), np.int32)),
-        TypeError,
-        r"dot_product_attention: mask must be bool \(True = attend\), got dtype int32",
-    ),
-    (
-        "dpa-mask-float",
-        lambda q, k, v, m: dpa(q, k, v, mask=m),
-        (Q, K, V, np.zeros((T, S), F32)),
-        TypeError,
-        "mask must be bool .*use bias=",
-    ),
-    (
         "dpa-bias-int",
         lambda q, k, v, b: dpa(q, k, v, bias=b),
         (Q, K, V, np.zeros((T, S), np.int32)),
@@ -198,6 +188,85 @@ CASES = [
         TypeError,
         "dtype must be a floating-point dtype",
     ),
+    # ---- dot_product_attention: the arguments of jax.nn and flax. ----
+    (
+        "dpa-grouped-query-heads",
+        lambda q, k, v: dpa(q, k, v),
+        (Q, _arr(B, S, 1, H), _arr(B, S, 1, H)),
+        ValueError,
+        "grouped-query attention \\(key/value heads K != N\\) is not supported",
+    ),
+    (
+        "dpa-window-negative",
+        lambda q, k, v: dpa(q, k, v, local_window_size=(2, -1)),
+        (Q, K, V),
+        ValueError,
+        "local_window_size must be an int >= 0 or a \\(left, right\\) pair",
+    ),
+    (
+        "dpa-window-triple",
+        lambda q, k, v: dpa(q, k, v, local_window_size=(1, 2, 3)),
+        (Q, K, V),
+        ValueError,
+        "local_window_size must be",
+    ),
+    (
+        "dpa-query-lengths-float",
+        lambda q, k, v: dpa(q, k, v, query_seq_lengths=np.ones(B, F32)),
+        (Q, K, V),
+        TypeError,
+        "query_seq_lengths must be an integer array, got dtype float32",
+    ),
+    (
+        "dpa-query-lengths-shape",
+        lambda q, k, v: dpa(q, k, v, query_seq_lengths=np.ones((B, 1), np.int32)),
+        (Q, K, V),
+        ValueError,
+        _esc("query_seq_lengths must have the batch shape (2,) of query"),
+    ),
+    (
+        "dpa-scale-vector",
+        lambda q, k, v: dpa(q, k, v, scale=np.ones(2, F32)),
+        (Q, K, V),
+        TypeError,
+        "scale must be a float scalar",
+    ),
+    (
+        "dpa-one-einsum-override",
+        lambda q, k, v: dpa(q, k, v, qk_attn_weights_einsum=jnp.einsum),
+        (Q, K, V),
+        ValueError,
+        "qk_attn_weights_einsum and attn_weights_value_einsum must be specified together",
+    ),
+    (
+        "dpa-einsum-override-and-precision",
+        lambda q, k, v: dpa(q, k, v, precision="highest", **EINSUMS),
+        (Q, K, V),
+        ValueError,
+        "are mutually exclusive",
+    ),
+    (
+        "dpa-blockwise-einsum-override",
+        lambda q, k, v: dpa(q, k, v, implementation="blockwise", **EINSUMS),
+        (Q, K, V),
+        ValueError,
+        "implementation='blockwise' cannot take qk_attn_weights_einsum/attn_weights_value_einsum;"
+        " use implementation='xla'",
+    ),
+    (
+        "dpa-blockwise-einsum-dot-general",
+        lambda q, k, v: dpa(q, k, v, implementation="blockwise_autodiff", einsum_dot_general=DG),
+        (Q, K, V),
+        ValueError,
+        "cannot take einsum_dot_general; use implementation='xla'",
+    ),
+    (
+        "dpa-dropout-default-needs-rng",
+        lambda q, k, v: dpa(q, k, v, dropout_rate=0.1),  # flax's deterministic=False default
+        (Q, K, V),
+        ValueError,
+        "dropout_rate=0.1 with deterministic=False needs a dropout_rng",
+    ),
     # ---- dot_product_attention: configuration. ----
     (
         "dpa-bad-implementation",
@@ -205,16 +274,9 @@ CASES = [
         (Q, K, V),
         ValueError,
         _esc(
-            "implementation must be one of ('xla', 'blockwise', 'cudnn', 'pallas', 'auto') "
-            "or None, got 'flash'"
+            "implementation must be one of ('xla', 'blockwise', 'blockwise_autodiff', 'cudnn', "
+            "'pallas', 'auto') or None, got 'flash'"
         ),
-    ),
-    (
-        "dpa-blockwise-weights",
-        lambda q, k, v: dpa(q, k, v, implementation="blockwise", return_weights=True),
-        (Q, K, V),
-        ValueError,
-        "implementation='blockwise' never forms the \\[T, S\\] weights",
     ),
     (
         "dpa-cudnn-on-cpu",
@@ -314,13 +376,6 @@ CASES = [
         (_arr(T, H), _arr(S, H), _arr(S, H), np.ones((S, T), bool)),
         ValueError,
         _esc("mask of shape (7, 5) is not broadcastable to [T, S] = (5, 7)"),
-    ),
-    (
-        "sdpa-mask-int",
-        lambda q, k, v, m: sdpa(q, k, v, mask=m),
-        (_arr(T, H), _arr(S, H), _arr(S, H), np.ones((T, S), np.int8)),
-        TypeError,
-        "scaled_dot_product_attention: mask must be bool",
     ),
     (
         "sdpa-bias-int",
@@ -451,13 +506,6 @@ CASES = [
         _esc("mask of shape (2, 3, 5, 5) is not broadcastable to [..., N, T, S] = (2, 4, 5, 5)"),
     ),
     (
-        "mha-mask-int",
-        lambda p, x, m: mha(p, x, num_heads=4, mask=m),
-        (PARAMS, X, np.ones((T, T), np.int32)),
-        TypeError,
-        "mask must be bool",
-    ),
-    (
         "mha-dropout-without-rng",
         lambda p, x: mha(p, x, num_heads=4, dropout_rate=0.2, deterministic=False),
         (PARAMS, X),
@@ -511,7 +559,7 @@ def test_valid_boundary_inputs_are_accepted(rng):
     ref = attention_f64(q, k, v)[0]
     # Rate 0 with deterministic=False needs no rng; a rate with deterministic=True is ignored.
     assert rel_err(dpa(q, k, v, dropout_rate=0.0, deterministic=False), ref) <= 1e-5
-    assert rel_err(dpa(q, k, v, dropout_rate=0.9), ref) <= 1e-5
+    assert rel_err(dpa(q, k, v, dropout_rate=0.9, deterministic=True), ref) <= 1e-5
     # A mask of lower rank that broadcasts (keys only), and a per-head [N, 1, 1] bias.
     keys = np.arange(S) < 4
     bias = np.zeros((N, 1, 1), F32)
@@ -519,5 +567,5 @@ def test_valid_boundary_inputs_are_accepted(rng):
     assert rel_err(out, attention_f64(q, k, v, mask=keys)[0]) <= 1e-5
     # None / 'auto' (the backend default) and each implementation this device can run
     # (the fused kernels' refusals on CPU are in tests/test_kernels.py).
-    for impl in (None, "auto", "xla", "blockwise"):
+    for impl in (None, "auto", "xla", "blockwise", "blockwise_autodiff"):
         assert rel_err(dpa(q, k, v, implementation=impl), ref) <= 1e-5

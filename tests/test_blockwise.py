@@ -127,44 +127,51 @@ def test_gradients_with_dropout_match_finite_differences():
         check_grads(jax.jit(f), (q, k, v), order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_visited_tiles_are_exactly_those_with_a_visible_key(causal):
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (False, (5, 3)),
+                                           (True, (6, 0))])  # fmt: skip
+def test_visited_tiles_are_exactly_those_with_a_visible_key(causal, window):
     """The loop bounds (forward: key blocks per query block; backward: query blocks per key
     block) visit exactly the tiles holding at least one (query, key) pair that is not masked
-    by causality or the key length, so skipping loses nothing and wastes little."""
+    by causality, the local window or the key length, so skipping loses nothing and wastes
+    little."""
     for T, S, qb, kb, length in itertools.product((16, 37), (16, 45), (4, 8), (8, 16), (0, 9, 45)):
-        plan = bw.Plan(query_block=qb, key_block=kb, scale=1.0, causal=causal)
+        plan = bw.Plan(query_block=qb, key_block=kb, scale=1.0, causal=causal, window=window)
         nq, nk = -(-T // qb), -(-S // kb)
         limit = min(length, S)
         rows, cols = np.arange(nq * qb)[:, None], np.arange(nk * kb)[None, :]
         visible = (rows < T) & (cols < limit) & ((rows >= cols) if causal else True)
+        if window is not None:
+            visible &= (rows <= cols + window[0]) & (rows >= cols - window[1])
         needed = visible.reshape(nq, qb, nk, kb).any(axis=(1, 3))  # [nq, nk]
         fwd, fwd_whole = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
         for i in range(nq):
-            end = bw._key_blocks_end(plan, i, limit, nk)
-            fwd[i, : int(end)] = True
-            fwd_whole[i, : int(bw._key_blocks_whole(plan, i, limit, end))] = True
+            start, whole, end = map(int, bw._key_blocks(plan, i, limit, nk))
+            fwd[i, start:end] = True
+            fwd_whole[i, start:whole] = True
         bwd, bwd_whole = np.zeros((nq, nk), bool), np.zeros((nq, nk), bool)
         for j in range(nk):
-            start = bw._query_blocks_start(plan, j, limit, nq)
-            bwd[int(start) :, j] = True
-            bwd_whole[int(bw._query_blocks_whole(plan, j, limit, start, nq)) :, j] = True
-        # Tiles run without the causal / length mask must have every pair visible.
+            start, whole, stop = map(int, bw._query_blocks(plan, j, limit, nq))
+            assert 0 <= start <= whole <= stop <= nq, (T, S, qb, kb, length, j)
+            bwd[start:stop, j] = True
+            bwd_whole[whole:stop, j] = True
+        # Tiles run without the causal / window / length mask must have every pair visible.
         whole = np.where(rows < T, visible, True).reshape(nq, qb, nk, kb).all(axis=(1, 3))
         assert np.all(whole[fwd_whole]) and np.all(whole[bwd_whole]), (T, S, qb, kb, length)
         assert np.all(fwd[fwd_whole]) and np.all(bwd[bwd_whole])
         # Every needed tile is visited; a visited tile that is not needed may only be one
-        # whose rows are all padding (T not a multiple of the query block).
+        # whose rows are all padding (T not a multiple of the query block), or with a right
+        # window, partly padding (the bounds see the padded rows' band).
         assert np.all(fwd[needed]) and np.all(bwd[needed])
-        real_rows = (np.arange(nq) * qb < T)[:, None]
+        last_row = np.arange(1, nq + 1) * qb if window and window[1] else np.arange(nq) * qb + 1
+        real_rows = (last_row <= T)[:, None]
         assert not np.any(fwd & ~needed & real_rows), (T, S, qb, kb, length)
         assert not np.any(bwd & ~needed & real_rows), (T, S, qb, kb, length)
-    if causal:  # T = S = 512 in 64 x 64 tiles: 36 of 64 tiles, about half
+    if causal and window is None:  # T = S = 512 in 64 x 64 tiles: 36 of 64 tiles, about half
         plan = bw.Plan(query_block=64, key_block=64, scale=1.0, causal=True)
-        ends = [bw._key_blocks_end(plan, i, None, 8) for i in range(8)]
-        assert sum(map(int, ends)) == 36
+        bounds = [tuple(map(int, bw._key_blocks(plan, i, None, 8))) for i in range(8)]
+        assert sum(end - start for start, _, end in bounds) == 36
         # Only the 8 diagonal tiles pay for the causal mask.
-        assert sum(int(bw._key_blocks_whole(plan, i, None, e)) for i, e in enumerate(ends)) == 28
+        assert sum(whole - start for start, whole, _ in bounds) == 28
 
 
 def test_keys_past_the_length_are_never_read(rng):
@@ -208,7 +215,12 @@ def test_auto_picks_blockwise_on_cpu_for_long_sequences_and_xla_for_short():
         backend="cpu", T=T, S=T, num_heads=8, want_weights=weights, kernel_reasons={}
     )
     assert pick(128) == "xla" and pick(2048) == "blockwise"
-    assert pick(2048, weights=True) == "xla"  # only 'xla' forms the weights
+    assert pick(2048, weights=True) == "xla"  # the dense path forms the weights anyway
+    # None (forward_mode=True) must serve jvp: the autodiff variant, never the custom VJP.
+    cpu = dict(backend="cpu", T=2048, S=2048, num_heads=8, want_weights=False)
+    assert bw.choose_implementation(**cpu, kernel_reasons={}, forward_mode=True) == (
+        "blockwise_autodiff"
+    )
     gpu = dict(backend="gpu", T=4096, S=4096, num_heads=64, want_weights=False)
     assert (
         bw.choose_implementation(**gpu, kernel_reasons={"cudnn": None, "pallas": None})
