@@ -6,6 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 WORKDIR ?= workdir/default
+# Extra flags for `make train` / `make bench`, e.g. TRAIN_ARGS='--config.num_train_steps=20'
+# (tests/test_readme.py runs both with tiny ones).
+TRAIN_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: train test lint format bench clean venv
 
@@ -19,21 +23,21 @@ $(STAMP): setup.cfg pyproject.toml
 
 # The default experiment (built-in translation corpus) on CPU; rerunning resumes from WORKDIR.
 train: $(STAMP)
-	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(WORKDIR)
+	$(PY) experiments/train.py --config=experiments/configs/default.py --workdir=$(WORKDIR) $(TRAIN_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n auto --durations=15
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/attention.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -17,10 +17,14 @@ tried; see `Checkpointer.restore_newest`. One written by a different model is re
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
+import sys
+import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -44,7 +48,8 @@ class Checkpointer:
     `cleanup`: remove unfinished checkpoints (left by a run killed while saving) now. Only
     the training run should: a reader (evaluation while training runs) would delete the
     save in progress. `log`: where messages about damaged or unfinished checkpoints go
-    (process 0 only).
+    (process 0 only). `create`: create ``<workdir>/checkpoints`` if it is missing (readers
+    pass False: they write nothing).
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class Checkpointer:
         every: int = 1000,
         data_state: bool = True,
         cleanup: bool = False,
+        create: bool = True,
         log: Callable[[str], None] = print,
     ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -93,7 +99,7 @@ class Checkpointer:
                 ),
                 preservation_policy=policies.LatestN(keep),
                 cleanup_tmp_directories=cleanup,
-                create=True,
+                create=create,
             ),
             item_handlers=handlers,
         )
@@ -210,7 +216,7 @@ class Checkpointer:
                 meta = self.read_meta(step)
             except Exception as e:
                 if not _is_damage(e):
-                    raise
+                    _reraise(e)
                 problem = f"its metadata does not read back ({_brief(e)})"
             if _everywhere(problem is None):
                 return step, meta
@@ -239,17 +245,20 @@ class Checkpointer:
                 saved = self.manager.item_metadata(step)["state"]
             except Exception as e:
                 if not _is_damage(e):
-                    raise
+                    _reraise(e)
                 problem = f"its array metadata does not read back ({_brief(e)})"
             else:
                 _check_same_tree(step, saved, abstract_state)
-                try:
-                    state, _ = self.restore(step, abstract_state, data_iterator=data_iterator)
-                    jax.block_until_ready(state)
-                except Exception as e:
-                    if not _is_damage(e):
-                        raise
-                    problem = f"its arrays do not read back ({_brief(e)})"
+                with _AbandonedReads() as abandoned:
+                    try:
+                        state, _ = self.restore(step, abstract_state, data_iterator=data_iterator)
+                        jax.block_until_ready(state)
+                    except Exception as e:
+                        if not _is_damage(e):
+                            _reraise(e)
+                        problem = f"its arrays do not read back ({_brief(e)})"
+                    if problem is not None:
+                        abandoned.settle()
             if _everywhere(problem is None):
                 return step, state
             self._move_aside(step, problem or "it does not read back on every process")
@@ -286,10 +295,122 @@ class Checkpointer:
         )
         return restored["state"]
 
+    def intact(self, *, check_meta=None, log: Callable[[str], None] | None = None):
+        """``(step, meta, params)`` of each checkpoint that reads back whole, newest first,
+        on one device: for readers (translation, evaluation, averaging).
+
+        Unlike `restore_newest`, nothing is moved or changed: a damaged checkpoint (metadata
+        or arrays that do not read back) is reported in one line through `log` and skipped.
+        ``check_meta(step, meta)`` may raise (e.g. `IncompatibleCheckpointError`) to refuse
+        a checkpoint; that error propagates.
+        """
+        log = self._log if log is None else log
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:
+                if not _is_damage(e):
+                    _reraise(e)
+                log(self._damaged(step, f"its metadata does not read back ({_brief(e)})"))
+                continue
+            if check_meta is not None:
+                check_meta(step, meta)
+            problem = None
+            with _AbandonedReads() as abandoned:
+                try:
+                    params = self.restore_on_one_device(step)["params"]
+                    jax.block_until_ready(params)
+                except Exception as e:
+                    if not _is_damage(e):
+                        _reraise(e)
+                    problem = f"its arrays do not read back ({_brief(e)})"
+                if problem is not None:  # (the error, and the reads its frames hold, gone)
+                    abandoned.settle()
+            if problem is not None:
+                log(self._damaged(step, problem))
+                continue
+            yield step, meta, params
+
+    def _damaged(self, step: int, problem: str) -> str:
+        self.manager.reload()
+        older = [s for s in self.steps() if s < step]
+        what = "is damaged"
+        if not os.path.isdir(os.path.join(self.directory, str(step))):
+            what = "was deleted while being read (a training run keeps only its newest)"
+        return f"checkpoint of step {step} in {self.directory} {what}: {problem}; " + (
+            f"trying step {older[-1]}" if older else "no older checkpoint"
+        )
+
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
+
+
+def _abandoned_read_echo(unraisable) -> bool:
+    """Whether an unraisable exception is an echo of a checkpoint read that failed.
+
+    When one array of a checkpoint fails to read, Orbax abandons the restore's other reads
+    and closes its event loop. Python then reports each abandoned read, with a screen of
+    TensorStore spec each, at any later moment:
+    - "RuntimeError: Event loop is closed", when a read completes (TensorStore's threads);
+    - "Exception ignored in: <coroutine object _read_array_index_and_device_put>", when its
+      coroutine is garbage-collected.
+    The failure itself is reported in one line (`Checkpointer.intact`)."""
+    if issubclass(unraisable.exc_type, RuntimeError) and (
+        str(unraisable.exc_value) == "Event loop is closed"
+    ):
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return (
+        code is not None
+        and f"{os.sep}orbax{os.sep}" in code.co_filename
+        and issubclass(unraisable.exc_type, Exception)
+    )
+
+
+class _AbandonedReads:
+    """While a checkpoint is read: its failed reads' echoes (`_abandoned_read_echo`) are
+    dropped; `settle` (after a failure) waits for the abandoned reads to end, so that their
+    echoes come while they are dropped."""
+
+    def settle(self, seconds: float = 0.3) -> None:
+        time.sleep(seconds)
+        gc.collect()  # the abandoned coroutines: finalized now, not in someone else's code
+
+    def __enter__(self):
+        self.previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not _abandoned_read_echo(unraisable):
+                self.previous(unraisable)
+
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc):
+        sys.unraisablehook = self.previous
+        return False
+
+
+def quiet_abandoned_reads() -> None:
+    """For command-line tools: drops the echoes of a failed checkpoint read for the rest of
+    the process (`_abandoned_read_echo`; and asyncio's logged "Task / Future exception was
+    never retrieved" of the same reads: in a command-line tool only Orbax runs asyncio)."""
+    import logging
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _abandoned_read_echo(unraisable):
+            previous(unraisable)
+
+    class NeverRetrieved(logging.Filter):
+        def filter(self, record):
+            return "exception was never retrieved" not in record.getMessage()
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(NeverRetrieved())
 
 
 def _unfinished_names(directory: str) -> list[str]:
@@ -310,12 +431,34 @@ def _unfinished_steps(directory: str) -> list[int]:
 
 def _is_damage(error: Exception) -> bool:
     """Whether an error reading a checkpoint means its files are damaged, rather than the
-    machine failing (memory, permissions), which must not get a checkpoint moved aside.
-    TensorStore raises plain Exception / ValueError for missing and truncated files."""
-    if isinstance(error, (MemoryError, PermissionError)):
+    machine failing (memory, permissions) or the user pressing Ctrl-C (Orbax's restore
+    threads hand the KeyboardInterrupt back wrapped), which must not get a checkpoint moved
+    aside. TensorStore raises plain Exception / ValueError for missing and truncated files."""
+    if isinstance(error, (MemoryError, PermissionError)) or _interruption(error):
         return False
     text = str(error)
     return not any(s in text for s in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Out of memory"))
+
+
+def _interruption(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in `error`'s chain of causes: an interrupted restore,
+    which Orbax's threads hand back wrapped. (Not asyncio's CancelledError: Orbax cancels
+    the other reads of a checkpoint when one fails, so damage brings those too.)"""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _reraise(error: Exception) -> NoReturn:
+    """Raises `error`, which is not damage; as a KeyboardInterrupt if it is an interruption
+    (so that a command stops as on Ctrl-C, not with a restore error)."""
+    if _interruption(error):
+        raise KeyboardInterrupt from error
+    raise error
 
 
 def _brief(error: Exception, limit: int = 300) -> str:
@@ -399,33 +542,41 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def average_checkpoints(workdir: str, last_k: int):
+def average_checkpoints(
+    workdir: str, last_k: int, *, check_meta=None, log: Callable[[str], None] | None = None
+):
     """The mean of the params of the last `last_k` checkpoints in `workdir` (the paper averages
     the last 5 checkpoints for base models and 20 for big ones, section 6.1).
 
     Returns ``(params, steps)``: params as host NumPy arrays (float32 sums, cast back to each
-    leaf's dtype) and the steps averaged. Raises if fewer than `last_k` checkpoints exist.
+    leaf's dtype) and the steps averaged. A damaged checkpoint is skipped (reported through
+    `log`, nothing is moved) and the next older one taken; raises if fewer than `last_k`
+    checkpoints read back. ``check_meta(step, meta)``: see `Checkpointer.intact`.
     """
     if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
         raise ValueError(f"last_k must be a positive int, got {last_k!r}")
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, create=False, log=log or print)
     try:
-        steps = sorted(ckpt.manager.all_steps())[-last_k:]
-        if len(steps) < last_k:
-            raise ValueError(
-                f"average_checkpoints: asked for the last {last_k} checkpoints, but "
-                f"{ckpt.directory} holds {len(steps)} ({steps})"
-            )
-        total, dtypes = None, None
-        for step in steps:
-            restored = ckpt.restore_on_one_device(step)
-            params = jax.tree.map(np.asarray, restored["params"])
+        total, dtypes, steps = None, None, []
+        for step, _, restored in ckpt.intact(check_meta=check_meta):
+            params = jax.tree.map(np.asarray, restored)
             if total is None:
                 dtypes = jax.tree.map(lambda x: x.dtype, params)
                 total = jax.tree.map(lambda x: x.astype(np.float32), params)
             else:
                 total = jax.tree.map(lambda t, x: t + x.astype(np.float32), total, params)
+            steps.append(step)
+            if len(steps) == last_k:
+                break
+        if len(steps) < last_k:
+            every = ckpt.steps()
+            damaged = sorted(set(every) - set(steps))
+            raise ValueError(
+                f"average_checkpoints: asked for the last {last_k} checkpoints, but "
+                f"{ckpt.directory} holds {len(every)} ({every})"
+                + (f", of which {damaged} do not read back" if damaged else "")
+            )
     finally:
         ckpt.close()
     mean = jax.tree.map(lambda t, d: (t / len(steps)).astype(d), total, dtypes)
-    return mean, steps
+    return mean, sorted(steps)

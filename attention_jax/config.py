@@ -158,6 +158,39 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# The experiment files' spelling of the dtype fields (config.json holds strings).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# TransformerConfig fields whose default is None, and the type an override of them has.
+_OPTIONAL_TYPES = {"target_vocab_size": int, "num_decoder_layers": int,
+                   "attention_implementation": str}  # fmt: skip
+
+
+def model_config_dict(**fields):
+    """``config.model`` of an experiment file: EVERY `TransformerConfig` field, `fields` over
+    the dataclass defaults, so that each one can be set from the command line
+    (``--config.model.pre_ln=True``): ml_collections lets an override change a field, never
+    add one. Defaults of None become typed placeholders (``--config.model.num_decoder_layers
+    =3`` is parsed as an int); dtypes are names (`DTYPE_NAMES`)."""
+    import ml_collections
+    from ml_collections import config_dict
+
+    known = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"model fields {unknown} are not TransformerConfig fields")
+    out = {}
+    for name, field in known.items():
+        value = fields.get(name, field.default)
+        if value is dataclasses.MISSING:
+            raise ValueError(f"model_config_dict needs {name}= (it has no default)")
+        if name in ("dtype", "param_dtype") and not isinstance(value, str):
+            value = jnp.dtype(value).name
+        if value is None and name in _OPTIONAL_TYPES:
+            value = config_dict.placeholder(_OPTIONAL_TYPES[name])
+        out[name] = value
+    return ml_collections.ConfigDict(out)
+
+
 def check_experiment_config(config) -> None:
     """Checks the run fields of an experiment config (an ``ml_collections`` file under
     experiments/configs) that a training run would otherwise meet only mid-run or after
@@ -182,6 +215,32 @@ def check_experiment_config(config) -> None:
     check("batch_size", value, is_int(value) and value >= 0, "an int >= 0 (0: from data)")
     value = config.get("label_smoothing", 0.0)
     check("label_smoothing", value, _is_real(value) and 0 <= value < 1, "in [0, 1)")
+    # Optimizer and schedule: a negative or NaN factor would train (upwards, or to NaN).
+    value = config.get("lr_factor", 1.0)
+    check("lr_factor", value, _is_real(value) and 0 < value < float("inf"), "a number > 0")
+    value = config.get("clip_norm", 0.0)
+    check("clip_norm", value, _is_real(value) and 0 <= value < float("inf"),
+          "a number >= 0 (0: no clipping)")  # fmt: skip
+    value = config.get("peak_flops_per_device", 0.0)
+    check("peak_flops_per_device", value, _is_real(value) and 0 <= value < float("inf"),
+          "a number >= 0 (0: look the device up)")  # fmt: skip
+    value = config.get("seed", 0)
+    check("seed", value, is_int(value) and value >= 0, "an int >= 0")
+    value = config.get("nonfinite", "stop")
+    check("nonfinite", value, value in ("stop", "skip"), "'stop' or 'skip'")
+    if "beam_size" in config:
+        check("beam_size", config.beam_size, is_int(config.beam_size) and config.beam_size >= 1,
+              "a positive int")  # fmt: skip
+    if "alpha" in config:
+        value = config.alpha
+        check("alpha", value, _is_real(value) and 0 <= value < float("inf"), "a number >= 0")
+    for name in ("tokens_per_batch", "eval_batch_size", "max_length"):
+        if name in config.data:
+            value = config.data[name]
+            check(f"data.{name}", value, is_int(value) and value >= 1, "a positive int")
+    if "eval_examples" in config.data:
+        value = config.data.eval_examples
+        check("data.eval_examples", value, is_int(value) and value >= 0, "an int >= 0 (0: all)")
     data, max_len = config.data, config.model.max_len
     if data.dataset == "reversal":  # targets are the reversed source + EOS
         check("batch_size", config.batch_size, config.batch_size >= 1, ">= 1 for reversal")

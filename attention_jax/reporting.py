@@ -2,12 +2,15 @@
 progress bar on the terminal. Only process 0 writes or prints anything.
 
 TensorBoard files are written with tensorboardX (numpy + protobuf; no TensorFlow), under
-``<workdir>/tensorboard``; view them with ``tensorboard --logdir <workdir>``.
+``<workdir>/tensorboard``; view them with ``tensorboard --logdir <workdir>`` (``pip install
+'attention_jax[tensorboard]'`` installs TensorBoard). metrics.jsonl is strict JSON: a NaN or
+infinite value is written as null (`read_metrics` reads it back as NaN).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -52,7 +55,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(to_json_line({"step": step, **metrics}))
         for key, value in metrics.items():
             self._tb.add_scalar(_tag(key), value, step)
 
@@ -60,6 +63,36 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def to_json_line(record: dict) -> str:
+    """One metrics.jsonl line. NaN and ±Inf (a diverged loss) are written as null: Python's
+    json writes them as the bare words NaN / Infinity, which are not JSON, and which `jq`,
+    JavaScript and most other readers refuse."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps({k: finite(v) for k, v in record.items()}, allow_nan=False) + "\n"
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl, null (and, from older files, bare NaN / Infinity)
+    read as float NaN / ±Inf; a last line cut short by a kill is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)  # Python's json accepts the bare words too
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(
+                    {k: math.nan if v is None and k != "step" else v for k, v in record.items()}
+                )
+    return records
 
 
 def _kept(line: str, resume_step: int) -> bool:

@@ -32,11 +32,12 @@ from jax.experimental import multihost_utils
 
 from attention_jax import decoding, flops, metrics, sharding, training
 from attention_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
-from attention_jax.config import TransformerConfig
+from attention_jax.config import TransformerConfig, check_experiment_config
 from attention_jax.data import tasks
-from attention_jax.inference import CONFIG_FILE, save_config
+from attention_jax.inference import save_config
 from attention_jax.model import Transformer
 from attention_jax.reporting import MetricsWriter, Progress
+from attention_jax.workdir import CONFIG_FILE, METRICS_FILE, WorkdirInUseError, WorkdirLock
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -91,6 +92,51 @@ def _check_workdir(workdir: str) -> None:
             ) from e
 
 
+def _lock_workdir(workdir: str) -> WorkdirLock:
+    """The workdir's training lock (workdir.py), taken before anything in it is written.
+
+    Multi-host: only process 0 takes it. The processes of one run share the workdir (and, on a
+    network file system, one process's flock would refuse the others), and every process
+    learns process 0's answer, so that all of them stop together instead of waiting forever
+    for a process that refused alone."""
+    lock, refused = WorkdirLock(workdir), ""
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirInUseError as e:
+            refused = str(e)
+    if jax.process_count() > 1:
+        in_use = multihost_utils.broadcast_one_to_all(np.int32(bool(refused)))
+        if int(in_use) and not refused:
+            refused = f"workdir {workdir!r} is in use by another training run (see process 0)"
+    if refused:
+        raise WorkdirInUseError(refused)
+    return lock
+
+
+def resolve_config(
+    config: ml_collections.ConfigDict, workdir: str | None
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with what the run found out written in: ``model.vocab_size`` from
+    the vocabulary (tasks.resolve_vocab_size) and ``data.data_dir`` made absolute (from
+    ``$TFDS_DATA_DIR`` when unset). It is what config.json records, so translation and
+    evaluation rebuild the same model and read the same data. `workdir` None: a new one."""
+    resolved = config.copy_and_resolve_references()
+    if config.data.dataset == "reversal":
+        return resolved
+    size, source = tasks.resolve_vocab_size(config, workdir)
+    if size != config.model.vocab_size and jax.process_index() == 0:
+        print(
+            f"model.vocab_size: {size}, the size of the vocabulary {source} (the config "
+            f"says {config.model.vocab_size})",
+            flush=True,
+        )
+    resolved.model.vocab_size = size
+    if "data_dir" in resolved.data:
+        resolved.data.data_dir = tasks.data_dir(config)
+    return resolved
+
+
 def _remove_stale_temporaries(workdir: str) -> None:
     """Half-written files of a run killed mid-write: config.json, metrics.jsonl and the
     vocabulary are written to a temporary name and renamed. Harmless, but not left to pile
@@ -98,7 +144,7 @@ def _remove_stale_temporaries(workdir: str) -> None:
     if jax.process_index() != 0:
         return
     where = glob.escape(workdir)
-    patterns = (f"{CONFIG_FILE}.tmp.*", "metrics.jsonl.tmp", f".{tasks.VOCAB_FILE}.*.tmp")
+    patterns = (f"{CONFIG_FILE}.tmp.*", f"{METRICS_FILE}.tmp", f".{tasks.VOCAB_FILE}.*.tmp")
     for path in [p for pattern in patterns for p in glob.glob(os.path.join(where, pattern))]:
         if os.path.isfile(path):
             os.remove(path)
@@ -246,7 +292,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(
             f"config.nonfinite must be one of {training.NONFINITE_POLICIES}, got {policy!r}"
         )
+    check_experiment_config(config)  # also for notebooks, which skip the command's checks
+    if config.data.dataset != "reversal":  # not prepared: refused before the workdir is made
+        tasks.check_dataset(config)
     _check_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_locked(config, workdir)
+    finally:
+        lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`train_and_evaluate` once the workdir's lock is held."""
+    config = resolve_config(config, workdir)
     cfg = model_config(config)
     model = Transformer(cfg)
     optimizer = training.make_optimizer(
@@ -271,6 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise
     finally:
         stop.uninstall()
+
+
+class NoIntactCheckpointError(RuntimeError):
+    """Every checkpoint in the workdir is damaged (they were moved aside)."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -331,7 +394,7 @@ def _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt,
             abstract, check_meta=check, data_iterator=task_iterator(task)
         )
         if restored_step is None:
-            raise RuntimeError(
+            raise NoIntactCheckpointError(
                 f"no checkpoint in {ckpt.directory} reads back whole (the damaged ones were "
                 "moved aside, see above); rerun to start from step 0, or put good ones back"
             )
@@ -357,6 +420,11 @@ def _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt,
         decoding.translate, model, max_length=max_decode,
         beam_size=config.get("beam_size", 4), alpha=config.get("alpha", 0.6),
     )  # fmt: skip
+    splits = task.splits()
+    validate = "validation" in splits
+    if not validate and jax.process_index() == 0:
+        print(f"no validation split in {config.data.dataset}: no periodic evaluation", flush=True)
+    last_validation = None
     peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
     total = config.num_train_steps
     # Throughput over each logging interval (the first one includes compilation); the host
@@ -392,9 +460,9 @@ def _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt,
             progress.update(done, record, eta_s=(total - done) / steps_per_s)
             mark_step, mark_time = done, time.perf_counter()
             interval_tokens = interval_flops = interval_slots = 0.0
-        if done % config.eval_every == 0 or last:
+        if validate and (done % config.eval_every == 0 or last):
             eval_start = time.perf_counter()
-            ev = evaluate(eval_fn, decode_fn, state.params, task, mesh)
+            ev = last_validation = evaluate(eval_fn, decode_fn, state.params, task, mesh)
             log.write(done, {f"eval_{k}": v for k, v in ev.items()})
             progress.print(f"step {done}: validation {_fmt(ev)}")
             mark_time += time.perf_counter() - eval_start  # evaluation is not training time
@@ -410,21 +478,42 @@ def _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt,
     stop.uninstall()  # the final evaluation can be interrupted as usual
     progress.close()
     ckpt.close()
-    final = evaluate(eval_fn, final_decode_fn, state.params, task, mesh, split="test")
-    log.write(max(start, total), {f"test_{k}": v for k, v in final.items()})
+    if "test" in splits:
+        final = evaluate(eval_fn, final_decode_fn, state.params, task, mesh, split="test")
+        log.write(max(start, total), {f"test_{k}": v for k, v in final.items()})
+        summary = f"final test metrics: {_fmt(final)}"
+    elif validate:  # a corpus without a test split: the last validation scores stand for it
+        if last_validation is None:  # a finished run, started again: nothing was trained
+            last_validation = evaluate(eval_fn, decode_fn, state.params, task, mesh)
+        final = last_validation
+        summary = (
+            f"final validation metrics (no test split in {config.data.dataset}): {_fmt(final)}"
+        )
+    else:
+        final = {}
+        summary = f"no validation or test split in {config.data.dataset}: nothing evaluated"
     log.close()
     if jax.process_index() == 0:
         workdir = os.path.abspath(workdir)
         print(
-            f"final test metrics: {_fmt(final)}\ncheckpoints: {ckpt.directory}\n"
-            f"metrics: {os.path.join(workdir, 'metrics.jsonl')} "
-            f"(tensorboard --logdir {workdir})"
+            f"{summary}\ncheckpoints: {ckpt.directory}\n"
+            f"metrics: {os.path.join(workdir, METRICS_FILE)} "
+            f"(tensorboard --logdir {workdir}{_tensorboard_hint()})"
             + (
                 f"\nvocabulary: {os.path.join(workdir, tasks.VOCAB_FILE)}" if task.tokenizer else ""
             ),
             flush=True,
         )
     return final
+
+
+def _tensorboard_hint() -> str:
+    """How to get the viewer, when it is not installed (runs write with tensorboardX)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        return ""
+    return "; TensorBoard itself: pip install 'attention_jax[tensorboard]'"
 
 
 def _fmt(scores: dict) -> str:

@@ -50,6 +50,7 @@ if "google.colab" in sys.modules:
 # %%
 import importlib.util
 import pathlib
+import shutil
 import tempfile
 import time
 
@@ -294,3 +295,9 @@ plt.show()
 #   `config.model.positional = "none"`: without positions, which pictures change?
 # * The same workdir works with the command-line tools:
 #   `python experiments/translate.py --workdir=WORKDIR --input=-`.
+
+# %%
+# TINY mode (how the tests run this notebook) removes its temporary workdir; a full run keeps
+# WORKDIR for the command-line tools and for running the notebook again.
+if TINY:
+    shutil.rmtree(WORKDIR)

@@ -135,6 +135,7 @@ if not TINY and devices[0].platform != "tpu":
 # %%
 if TINY:
     TMP = pathlib.Path(tempfile.mkdtemp(prefix="attention_jax_04_"))  # nothing goes to the repo
+    os.environ["TMPDIR"] = str(TMP)  # the tools' temporary files too (removed at the end)
     WORKDIR, DATA_DIR, LOCAL_DATA_DIR = str(TMP / "run"), str(TMP / "tfds"), str(TMP / "tfds")
 elif IN_COLAB:
     from google.colab import drive
@@ -284,3 +285,9 @@ for source, reference, output in list(zip(sources, references, hypotheses, stric
 # Next: `experiments/configs/wmt14_big.py` is the big model (213M parameters, 300,000
 # steps: 28.4 BLEU in the paper), and notebook 03 shows how to look at the attention of a
 # trained workdir like this one.
+
+# %%
+# TINY mode (how the tests run this notebook) removes its temporary workdir and data; a real
+# run keeps both for the next session.
+if TINY:
+    shutil.rmtree(TMP)

@@ -8,13 +8,14 @@ nothing hangs (a deadline per test; subprocesses run with a timeout) and that no
 left half-written (the workdir, data_dir or output file is absent or unchanged afterwards).
 
 The CLIs run in-process where they can: the script is imported as a module, its absl flags
-are parsed, and its ``main`` is called; ``sys.exit("...: error: ...")`` is then a
-SystemExit carrying the message. A few real subprocess runs check the exit code and that
-stderr holds one line and no traceback.
+are parsed, and its ``main`` is called under ``errors.guarded`` (as the command runs it);
+the ``PROG: error: ...`` line it prints is the message. A few real subprocess runs check the
+exit code and that stderr holds one line and no traceback.
 """
 
 import contextlib
 import importlib.util
+import io
 import os
 import pathlib
 import re
@@ -31,6 +32,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 import attention_jax as aj
 from attention_jax import decoding
+from attention_jax.cli import errors
 from attention_jax.data import tasks, toy_translation
 from attention_jax.data.tokenizer import Tokenizer
 from attention_jax.inference import save_config
@@ -314,23 +316,37 @@ def _script(name):
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        yield module
+        # The wrappers run attention_jax.cli.<command>: its main and parse_flags.
+        yield sys.modules.get(f"attention_jax.cli.{name.removesuffix('.py')}", module)
     finally:
         FLAGS.unparse_flags()
         for flag in set(FLAGS) - before:  # also the --config.* flags config_flags adds
             delattr(FLAGS, flag)
         sys.path[:] = path
+        # The scripts import attention_jax.cli.<command>, which defines the flags: imported
+        # afresh next time, so that it defines them again.
+        for loaded in [m for m in sys.modules if m.startswith("attention_jax.cli.")]:
+            if loaded != "attention_jax.cli.errors":
+                del sys.modules[loaded]
 
 
 def _run_main(name, *args, monkeypatch):
-    """Parses `args` as the script's flags and runs its main; returns the error message
-    it exits with (SystemExit), or raises what it raised."""
+    """Parses `args` as the script's flags and runs its main as the command does
+    (errors.guarded); returns the message it exits with: the ``PROG: error: ...`` line it
+    printed, or a SystemExit's message ("None" if it returned). Usage errors are raised."""
     argv = [name, *map(str, args)]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
-    with _script(name) as module, pytest.raises(SystemExit) as info:
+    stderr, code = io.StringIO(), None  # None: main returned (the run succeeded)
+    with _script(name) as module:
         parse = getattr(module, "parse_flags", FLAGS)
-        module.main(parse(argv))
-    return str(info.value.code)
+        try:
+            with contextlib.redirect_stderr(stderr):
+                errors.guarded(module.main, name)(parse(argv))
+        except SystemExit as e:
+            code = e.code
+    if code == 1 and stderr.getvalue():
+        return stderr.getvalue().strip()
+    return str(code)
 
 
 @pytest.fixture
@@ -404,11 +420,11 @@ TRAIN = ["--config", CONFIGS / "reversal.py"]
     [
         (["--bogus=1"], "Unknown command line flag 'bogus'"),
         (["--num_processes=two"], "flag --num_processes=two: invalid literal for int"),
-        (["--noworkdir"], "Flag --workdir must have a value other than None"),
+        (["--noworkdir"], r"--workdir is required \(or --dry_run, --list_configs\)"),
         (["--config=nope/default.py"], "--config=nope/default.py: no such file"),
         (["--config.model.num_head=4"],
          r"--config.model.num_head=4: config.model has no field 'num_head' .*its fields: "
-         r"d_ff, d_model, .*num_heads"),
+         r".*d_ff, d_model, .*num_heads"),
         (["--config.modle.d_model=4"], "config has no field 'modle'"),
         (["--config.num_train_steps=1.5"],
          r"flag --config.num_train_steps=1.5: invalid literal for int\(\)"),
@@ -462,6 +478,110 @@ def test_train_cli_bad_config_value(tmp_path, monkeypatch, override, match):
     assert not workdir.exists()
 
 
+# Operational stops of a training run (issue 14: each printed a traceback; disk full was
+# line 1,086 of 1,918): one line "train.py: error: ...", status 1, the workdir as it was.
+TINY = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.batch_size=8",
+        "--config.log_every=1", "--config.eval_batches=1",
+        "--config.checkpoint_every=1"]  # fmt: skip
+
+
+def _train(workdir, *args, monkeypatch):
+    return _run_main("train.py", *TRAIN, f"--workdir={workdir}", *TINY, *args,
+                     monkeypatch=monkeypatch)  # fmt: skip
+
+
+@pytest.mark.filterwarnings(LOAD_MODULE_WARNING)
+def test_train_cli_operational_errors_are_one_line(tmp_path, monkeypatch):
+    work = tmp_path / "run"
+    assert _train(work, "--config.num_train_steps=2", monkeypatch=monkeypatch) == "None"
+
+    def data(path):  # the lock file only says which run held the workdir last
+        return {k: v for k, v in _snapshot(path).items() if k != "train.lock"}
+
+    before = data(work)
+
+    # A workdir of another model: the differing fields, on the one line.
+    message = _train(work, "--config.num_train_steps=3", "--config.model.d_ff=32",
+                     monkeypatch=monkeypatch)  # fmt: skip
+    assert re.fullmatch(r"train.py: error: workdir \S+ holds a checkpoint of a different model "
+                        r"\(step 2\): d_ff: checkpoint 64, config 32; use a new --workdir.*",
+                        message), message  # fmt: skip
+    assert data(work) == before
+
+    # The model diverges: NaN stop, naming the step and the newest checkpoint.
+    message = _train(tmp_path / "nan", "--config.num_train_steps=4", "--config.lr_factor=1e33",
+                     monkeypatch=monkeypatch)  # fmt: skip
+    assert re.fullmatch(r"train.py: error: step \d: the loss or a gradient is NaN/Inf; training "
+                        r"stopped .*the newest checkpoint is step \d.*",
+                        message), message  # fmt: skip
+
+    # Every checkpoint damaged: moved aside, and the run says so.
+    for path in (work / "checkpoints").rglob("*"):
+        if path.is_file() and "meta" not in path.parts:
+            path.write_bytes(b"garbage")
+    message = _train(work, "--config.num_train_steps=3", monkeypatch=monkeypatch)
+    assert re.fullmatch(r"train.py: error: no checkpoint in \S+ reads back whole.*", message), (
+        message
+    )
+
+    # A dataset that is not prepared: the command that prepares a local corpus.
+    message = _run_main("train.py", "--config", CONFIGS / "default.py", f"--workdir={work}x",
+                        "--config.data.dataset=my_corpus",
+                        f"--config.data.data_dir={tmp_path / 'data'}",
+                        monkeypatch=monkeypatch)  # fmt: skip
+    assert re.fullmatch(
+        r"train.py: error: dataset 'my_corpus' is not prepared in \S+data .*"
+        r"prepare it with: python -m attention_jax prepare --dataset=local "
+        r"--name=my_corpus --train=SOURCE_FILE,TARGET_FILE .*",
+        message,
+    ), message
+    assert not (tmp_path / "runx").exists()
+
+    # A workdir that cannot be created (under a file).
+    (tmp_path / "file").write_text("")
+    message = _train(tmp_path / "file" / "run", "--config.num_train_steps=1",
+                     monkeypatch=monkeypatch)  # fmt: skip
+    assert re.fullmatch(r"train.py: error: workdir \S+ cannot be created .*", message), message
+
+
+@pytest.mark.filterwarnings(LOAD_MODULE_WARNING)
+def test_train_cli_disk_full_is_one_line(tmp_path, monkeypatch):
+    """A full disk met deep inside a library (here: wrapped, as Orbax's save thread does)."""
+    import errno
+
+    from attention_jax import train_loop
+
+    def full(config, workdir):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", f"{workdir}/metrics.jsonl")
+        except OSError as e:
+            raise RuntimeError("a library's own wrapper") from e
+
+    monkeypatch.setattr(train_loop, "train_and_evaluate", full)
+    message = _train(tmp_path / "run", monkeypatch=monkeypatch)
+    assert re.fullmatch(
+        r"train.py: error: disk full writing \S+/run/metrics.jsonl: free some "
+        r"space \(nothing half-written was kept\)",
+        message,
+    ), message
+
+
+@pytest.mark.filterwarnings(LOAD_MODULE_WARNING)
+def test_train_cli_dry_run_and_list(tmp_path, monkeypatch, capsys):
+    with _script("train.py") as module:
+        argv = ["train.py", "--config=reversal", "--dry_run", "--config.model.pre_ln=True"]
+        monkeypatch.setattr(sys, "argv", argv)
+        module.main(module.parse_flags(argv))
+        out = capsys.readouterr().out
+        assert '"lr_factor": 0.5' in out and "  pre_ln: True" in out and "  d_model: 64" in out
+    with _script("train.py") as module:
+        argv = ["train.py", "--list_configs"]
+        monkeypatch.setattr(sys, "argv", argv)
+        module.main(module.parse_flags(argv))
+        out = capsys.readouterr().out
+        assert re.search(r"^wmt14_base +The paper's base model", out, re.M), out
+
+
 def _translate(workdirs, name, *args, monkeypatch):
     workdir = workdirs / name
     before = _snapshot(workdir)
@@ -496,7 +616,8 @@ def test_translate_cli_refuses(workdirs, monkeypatch, workdir, args, match):
     if not any(a.startswith("--output") for a in args):
         args.append(f"--output={out}")
     message = _translate(workdirs, workdir, *args, monkeypatch=monkeypatch)
-    assert re.fullmatch(f"translate.py: error: {match}.*", message), message
+    # (errors.describe names the type of an OSError: "FileNotFoundError: ...")
+    assert re.fullmatch(f"translate.py: error: (?:\\w+Error: )?{match}.*", message), message
     assert not out.exists() and not (workdirs / "out.txt.tmp").exists()
 
 
@@ -505,14 +626,16 @@ def test_evaluate_cli_refuses(workdirs, monkeypatch):
     source = workdirs / "in.txt"
     message = _run_main("evaluate.py", f"--workdir={workdir}", f"--source={source}",
                         f"--reference={workdirs / 'ref.txt'}", monkeypatch=monkeypatch)  # fmt: skip
-    assert re.fullmatch(r"evaluate.py: error: --reference \S*ref.txt does not exist", message)
+    assert re.fullmatch(
+        r"evaluate.py: error: (?:\w+Error: )?--reference \S*ref.txt does not exist", message
+    ), message
     with pytest.raises(app.UsageError, match="give both --source and --reference, or neither"):
         _run_main("evaluate.py", f"--workdir={workdir}", f"--source={source}",
                   monkeypatch=monkeypatch)  # fmt: skip
     (workdirs / "two.txt").write_text("a .\nb .\n")
     message = _run_main("evaluate.py", f"--workdir={workdir}", f"--source={source}",
                         f"--reference={workdirs / 'two.txt'}", monkeypatch=monkeypatch)  # fmt: skip
-    assert message == "evaluate.py: error: --source has 1 lines but --reference has 2"
+    assert re.match(r"evaluate.py: error: --source .*has 1 lines but --reference .*has 2", message)
     assert _snapshot(workdir) == before
 
 
@@ -553,10 +676,14 @@ def test_translate_and_evaluate_cli_processes(workdirs, tmp_path):
     workdir, before = workdirs / "no_ckpt", _snapshot(workdirs / "no_ckpt")
     result = _cli("translate.py", f"--workdir={workdir}", f"--input={workdirs / 'in.txt'}",
                   f"--output={tmp_path / 'out.txt'}")  # fmt: skip
-    _one_line_failure(result, r"^translate.py: error: \S*checkpoints holds no checkpoint")
+    _one_line_failure(
+        result, r"^translate.py: error: (?:\w+Error: )?\S*checkpoints holds no checkpoint"
+    )
     result = _cli("evaluate.py", f"--workdir={workdir}", f"--source={workdirs / 'in.txt'}",
                   f"--reference={tmp_path / 'nope.de'}")  # fmt: skip
-    _one_line_failure(result, r"^evaluate.py: error: --reference \S*nope.de does not exist\n$")
+    _one_line_failure(
+        result, r"^evaluate.py: error: (?:\w+Error: )?--reference \S*nope.de does not exist\n$"
+    )
     assert _snapshot(workdir) == before and not (tmp_path / "out.txt").exists()
 
 

@@ -25,6 +25,7 @@ import pytest
 
 from attention_jax import train_loop
 from attention_jax.checkpoint import Checkpointer, CheckpointSaveError
+from attention_jax.workdir import LOCK_FILE
 from tests.chaos_support import chaos
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -65,6 +66,8 @@ def _snapshot(workdir) -> dict:
         for d in dirs:
             tree[os.path.relpath(os.path.join(root, d), workdir)] = "dir"
         for f in files:
+            if os.path.relpath(os.path.join(root, f), workdir) == LOCK_FILE:
+                continue  # the training lock says who ran last: not the workdir's data
             path = os.path.join(root, f)
             with open(path, "rb") as fh:
                 tree[os.path.relpath(path, workdir)] = hashlib.sha256(fh.read()).hexdigest()
@@ -236,9 +239,12 @@ def test_a_failed_save_is_reported_and_the_previous_checkpoint_stays_restorable(
     code = chaos.finish(proc, timeout=600)
     out = (tmp_path / "log").read_text()
     assert code != 0
-    assert "CheckpointSaveError: [Errno 28] saving the checkpoint of step 8" in out, out
-    assert "No space left on device" in out
-    assert "the newest complete checkpoint is step 4" in out
+    # One line (issue 14: the useful line was line 1,086 of 1,918), saying what is intact.
+    assert code == 1 and "Traceback" not in out, out
+    (line,) = [x for x in out.splitlines() if "error:" in x]
+    assert line.startswith("train.py: error: disk full: saving the checkpoint of step 8"), out
+    assert "No space left on device" in line
+    assert "the newest complete checkpoint is step 4" in line
     assert chaos.finished_steps(workdir) == [1, 4] and not chaos.unfinished(workdir)
     ckpt = Checkpointer(workdir)
     state = ckpt.restore_on_one_device(4)

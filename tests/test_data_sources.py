@@ -165,9 +165,10 @@ def test_missing_dataset_says_where_and_how(tmp_path):
             sources.load_source(name, "train", data_dir=tmp_path)
         message = str(info.value)
         assert repr(name) in message and str(tmp_path) in message
-        assert f"python experiments/prepare_data.py --dataset={name} --data_dir={tmp_path}" in (
-            message
-        )
+        # The command for its kind: a WMT name is downloaded, any other is a local corpus.
+        dataset = name if name == sources.WMT14 else f"local --name={name}"
+        assert f"python -m attention_jax prepare --dataset={dataset} " in message
+        assert f"--data_dir={tmp_path}" in message
 
 
 def test_missing_split_lists_splits(tmp_path):

@@ -1,6 +1,7 @@
 """The notebooks: each .ipynb equals its jupytext .py source and carries no outputs, and each
 runs top to bottom in its TINY mode (ATTENTION_JAX_TINY=1: tiny models, a few steps, on CPU)
-in a fresh kernel of this Python, without writing into the repository."""
+in a fresh kernel of this Python, without writing into the repository and without leaving
+anything in the temporary directory (the kernel's TMPDIR, a fresh one per notebook)."""
 
 import json
 import os
@@ -79,8 +80,11 @@ def monkeypatch_module():
         yield mp
 
 
-def _kernel_env(cache_dir):
+def _kernel_env(cache_dir, tmp_dir):
     env = dict(os.environ)
+    # tempfile.mkdtemp() in the kernel (and its subprocesses) creates under this directory,
+    # which the test checks is empty afterwards: a TINY run cleans up after itself.
+    env.update(TMPDIR=str(tmp_dir), TEMP=str(tmp_dir), TMP=str(tmp_dir))
     # XLA programs compiled by one notebook (or a run repeated inside one, as 04 resumes)
     # are reused from this cache by the next: most of a TINY notebook's time is compiling.
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
@@ -105,8 +109,10 @@ def _repo_files():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ipynb", IPYNBS, ids=lambda p: p.name)
-def test_notebook_runs_in_tiny_mode(ipynb, kernel, compilation_cache):
+def test_notebook_runs_in_tiny_mode(ipynb, kernel, compilation_cache, tmp_path):
     nb = nbformat.read(ipynb, as_version=4)
+    tmp_dir = tmp_path / "kernel_tmp"
+    tmp_dir.mkdir()
     before = _repo_files()
     client = NotebookClient(
         nb,
@@ -116,7 +122,7 @@ def test_notebook_runs_in_tiny_mode(ipynb, kernel, compilation_cache):
     )
     start = time.perf_counter()
     # A failing cell raises CellExecutionError, which shows the cell and its traceback.
-    client.execute(env=_kernel_env(compilation_cache))
+    client.execute(env=_kernel_env(compilation_cache, tmp_dir))
     seconds = time.perf_counter() - start
     print(f"{ipynb.name}: {seconds:.1f} s in TINY mode")
     after = _repo_files()
@@ -127,3 +133,5 @@ def test_notebook_runs_in_tiny_mode(ipynb, kernel, compilation_cache):
     # Full mode writes pictures into docs/ and runs into workdir/; TINY mode must not.
     outputs = [p for p in changed if f"{os.sep}docs{os.sep}" in p or f"{os.sep}workdir" in p]
     assert not outputs, f"{ipynb.name} changed {outputs} in TINY mode"
+    left = sorted(p.name for p in tmp_dir.iterdir())
+    assert not left, f"{ipynb.name} left {left} in its temporary directory in TINY mode"

@@ -131,3 +131,25 @@ def test_training_run_logs_mfu_and_tensorboard(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 4/4" in out and "MFU" in out and "ETA" in out
     assert "final test metrics" in out and "tensorboard --logdir" in out
+
+
+def test_metrics_jsonl_is_strict_json_with_nan_as_null(tmp_path):
+    """Issue 14: a diverged loss was written as the bare word NaN, which is not JSON."""
+    from attention_jax.reporting import read_metrics
+
+    log = MetricsWriter(str(tmp_path))
+    log.write(1, {"train_loss": float("nan"), "train_accuracy": 0.5, "x": float("-inf")})
+    log.close()
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x, parse_constant=refuse) for x in lines] == [
+        {"step": 1, "train_loss": None, "train_accuracy": 0.5, "x": None}
+    ]
+    (record,) = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert record["train_loss"] != record["train_loss"] and record["train_accuracy"] == 0.5
+    # A file written before the fix (bare NaN) still reads.
+    (tmp_path / "old.jsonl").write_text('{"step": 2, "train_loss": NaN}\n')
+    assert read_metrics(str(tmp_path / "old.jsonl"))[0]["step"] == 2

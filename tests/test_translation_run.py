@@ -84,5 +84,8 @@ def test_a_missing_vocabulary_is_reported_not_retrained(tmp_path):
 def test_an_unprepared_dataset_names_the_command(tmp_path):
     config = _config(2)
     config.data.update(dataset="my_corpus", data_dir=str(tmp_path / "data"))
-    with pytest.raises(DatasetNotPreparedError, match=r"prepare_data\.py --dataset=my_corpus"):
+    with pytest.raises(
+        DatasetNotPreparedError, match=r"attention_jax prepare --dataset=local --name=my_corpus "
+    ):
         train_loop.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not (tmp_path / "work").exists()  # refused before the workdir is made

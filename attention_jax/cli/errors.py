@@ -30,17 +30,51 @@ class CommandError(Exception):
 
 def describe(error: BaseException) -> str:
     """The one line for `error`: its message, with the cause a user can act on first."""
+    full = _disk_full(error)
+    if full is not None:  # also when a library wrapped it (Orbax's save thread, TFDS)
+        error = full
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {error.filename}" if error.filename else ""
+        if error.strerror and error.strerror != os.strerror(error.errno):
+            # A message of ours around the OS error (checkpoint.CheckpointSaveError: which
+            # step failed, which one is intact): all of it, on one line.
+            return f"disk full{where}: " + "; ".join(
+                line.strip() for line in error.strerror.splitlines() if line.strip()
+            )
         return f"disk full{where}: free some space (nothing half-written was kept)"
     if isinstance(error, (CommandError, ValueError, TypeError, OSError, KeyError)):
         message = str(error) if not isinstance(error, KeyError) else repr(error.args[0])
         if isinstance(error, OSError) and error.strerror and error.filename:
             message = f"{error.filename}: {error.strerror}"
-        if not isinstance(error, (CommandError, ValueError)):
+        if _composed(error):  # OSError(errno, "what we were doing (the OS's reason)")
+            message = error.strerror
+        elif not isinstance(error, (CommandError, ValueError)):
             message = f"{type(error).__name__}: {message}"
         return _first_line(message) or type(error).__name__
     return _first_line(f"{type(error).__name__}: {error}") or type(error).__name__
+
+
+def _composed(error: BaseException) -> bool:
+    """An OSError raised with a whole sentence of ours as its strerror (no file name): that
+    sentence is the message, without "[Errno N]" and the type's name."""
+    return (
+        isinstance(error, OSError)
+        and error.errno is not None
+        and not error.filename
+        and bool(error.strerror)
+        and error.strerror != os.strerror(error.errno)
+    )
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError in `error`'s chain of causes, if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _first_line(message: str) -> str:
@@ -71,6 +105,11 @@ def guarded(main: Callable[[list[str]], object], prog: str) -> Callable[[list[st
             return main(argv)
         except (SystemExit, app.UsageError):
             raise  # sys.exit(message) and usage errors already print one line
+        except BrokenPipeError:
+            # The reader went away (`attention-jax ... | head`): nothing left to say to it.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the exit's flush does not fail again
+            sys.exit(141)  # 128 + SIGPIPE, as a shell reports a process SIGPIPE ended
         except KeyboardInterrupt:
             if show:
                 traceback.print_exc()
@@ -80,7 +119,8 @@ def guarded(main: Callable[[list[str]], object], prog: str) -> Callable[[list[st
             if show:
                 traceback.print_exc()
             message = describe(e)
-            if not show and not isinstance(e, (CommandError, ValueError, OSError)):
+            expected = isinstance(e, (CommandError, ValueError, OSError)) or _disk_full(e)
+            if not show and not expected:
                 message += f" (--verbosity=1 or {TRACEBACK_ENV}=1 shows the traceback)"
             print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
             sys.exit(1)
@@ -89,5 +129,34 @@ def guarded(main: Callable[[list[str]], object], prog: str) -> Callable[[list[st
 
 
 def run(main: Callable[[list[str]], object], prog: str, **kwargs) -> None:
-    """``absl.app.run(main)`` with :func:`guarded` error reporting."""
+    """``absl.app.run(main)`` with :func:`guarded` error reporting (and Ctrl-C never lost:
+    :func:`redeliver_swallowed_interrupts`)."""
+    redeliver_swallowed_interrupts()
     app.run(guarded(main, prog), **kwargs)
+
+
+def redeliver_swallowed_interrupts() -> None:
+    """Ctrl-C while Python runs a callback whose exceptions it cannot raise (a gc callback,
+    e.g. JAX's ``_xla_gc_callback``; a ``__del__``) would print "Exception ignored in ...",
+    a traceback, and be lost: the command would go on. This hook delivers it again to the
+    main thread (as if Ctrl-C were pressed once more), where :func:`guarded` reports it in
+    one line. Other unraisable exceptions are reported as Python does."""
+    import _thread
+    import time
+
+    default = sys.unraisablehook
+    if getattr(default, "redelivers_interrupts", False):
+        return  # installed already: a second hook would deliver each interrupt twice
+
+    def later():
+        time.sleep(0.01)  # once the hook has returned: raised in it, it is unraisable again
+        _thread.interrupt_main()
+
+    def hook(unraisable):
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _thread.start_new_thread(later, ())  # returns at once, waits for nothing
+        else:
+            default(unraisable)
+
+    hook.redelivers_interrupts = True
+    sys.unraisablehook = hook

@@ -41,7 +41,13 @@ WMT14 = "wmt14_translate/de-en"
 WMT17 = "wmt17_translate/de-en"  # newer training data (adds news commentary v12, rapid)
 WMT_DATASETS = (WMT14, WMT17)
 WMT14_LANGUAGES = ("de", "en")
-PREPARE_COMMAND = "python experiments/prepare_data.py --dataset={name} --data_dir={data_dir}"
+# What prepares a dataset, by kind (`prepare_command`). `python -m attention_jax prepare` is
+# experiments/prepare_data.py, and works wherever attention_jax is installed.
+PREPARE_COMMAND = "python -m attention_jax prepare --dataset={name} --data_dir={data_dir}"
+PREPARE_LOCAL_COMMAND = (
+    "python -m attention_jax prepare --dataset=local --name={name} "
+    "--train=SOURCE_FILE,TARGET_FILE --validation=DEV.tsv --data_dir={data_dir}"
+)
 
 PathLike = str | os.PathLike
 # One split of a local corpus: a TSV path, or a (source path, target path) pair.
@@ -133,8 +139,7 @@ def load_source(
     if file_format is not tfds.core.FileFormat.ARRAY_RECORD:
         raise ValueError(
             f"dataset {name!r} in {builder.data_dir} is stored as {file_format}, which has no "
-            f"random access; prepare it again as array_record: "
-            + PREPARE_COMMAND.format(name=name, data_dir=data_dir)
+            f"random access; prepare it again as array_record: " + prepare_command(name, data_dir)
         )
     features = sorted(builder.info.features.keys())
     for key in (source_key, target_key):
@@ -153,9 +158,25 @@ def _prepared_builder(name: str, data_dir: PathLike) -> tfds.core.DatasetBuilder
         raise DatasetNotPreparedError(
             f"dataset {name!r} is not prepared in {data_dir} (looked for "
             f"{os.path.join(data_dir, *name.split('/'))}/<version>/dataset_info.json); "
-            f"prepare it with: " + PREPARE_COMMAND.format(name=name, data_dir=data_dir)
+            f"prepare it with: " + prepare_command(name, data_dir)
         )
     return builder
+
+
+def prepare_command(name: str, data_dir: PathLike) -> str:
+    """The command that prepares dataset `name`: ``--dataset=NAME`` for the ones the prepare
+    command downloads or generates (WMT14/17, the built-in corpus), ``--dataset=local
+    --name=NAME`` with the corpus's files for any other name (a local corpus)."""
+    if name in (*WMT_DATASETS, "toy_translation"):
+        return PREPARE_COMMAND.format(name=name, data_dir=data_dir)
+    return PREPARE_LOCAL_COMMAND.format(name=name, data_dir=data_dir) + (
+        " (your corpus: line-aligned SOURCE_FILE,TARGET_FILE or a two-column TSV per split)"
+    )
+
+
+def split_names(name: str, data_dir: PathLike) -> tuple[str, ...]:
+    """The splits of the prepared dataset `name` (raises `DatasetNotPreparedError`)."""
+    return tuple(_prepared_builder(name, data_dir).info.splits)
 
 
 # ---------------------------------------------------------------------- local corpora

@@ -19,15 +19,44 @@ import numpy as np
 
 from attention_jax.data import pipeline
 from attention_jax.data.synthetic import reversal_batch
+from attention_jax.workdir import VOCAB_FILE
 
 BUILTIN = "toy_translation"
-VOCAB_FILE = "vocab.model"
+SPLITS = ("train", "validation", "test")
+__all__ = ["VOCAB_FILE"]  # re-exported: inference.py and older code import it from here
 
 
-def _data_dir(config) -> str:
-    """config.data.data_dir, else TFDS's default (``$TFDS_DATA_DIR`` or ~/tensorflow_datasets)."""
-    given = config.data.get("data_dir")
-    return given or os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+def data_dir(config) -> str:
+    """The data directory a run reads, absolute: config.data.data_dir, else TFDS's default
+    (``$TFDS_DATA_DIR``, else ~/tensorflow_datasets). Training records it in the workdir's
+    config.json (``data.data_dir``), so that evaluation finds the same data whatever its
+    environment says."""
+    given = config.data.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+    return os.path.abspath(os.path.expanduser(given or "~/tensorflow_datasets"))
+
+
+_data_dir = data_dir  # the old private name
+
+
+def check_dataset(config) -> None:
+    """Raises, before anything is written, if the config's dataset is not prepared
+    (`sources.DatasetNotPreparedError`, naming the command that prepares it) or has no
+    train split."""
+    splits = available_splits(config)
+    if "train" not in splits:
+        raise ValueError(
+            f"dataset {config.data.dataset!r} has no train split (it has {list(splits)})"
+        )
+
+
+def available_splits(config) -> tuple[str, ...]:
+    """The splits the config's dataset has (a local corpus may lack validation or test)."""
+    name = config.data.dataset
+    if name == "reversal" or name == BUILTIN:
+        return SPLITS
+    from attention_jax.data import sources
+
+    return sources.split_names(name, data_dir(config))
 
 
 @dataclasses.dataclass
@@ -77,6 +106,9 @@ class ReversalTask:
 
     def meta(self) -> dict:
         return {"dataset": "reversal"}
+
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS
 
 
 def _load_source(config, split: str):
@@ -169,6 +201,9 @@ class TranslationTask:
             self._eval[split] = EvalData(ev.batches, ev.sources, ev.references)
         return self._eval[split]
 
+    def splits(self) -> tuple[str, ...]:
+        return available_splits(self.config)
+
     def meta(self) -> dict:
         return {
             "dataset": self.config.data.dataset,
@@ -181,9 +216,66 @@ def load_eval_pairs(config, split: str) -> tuple[list[str], list[str]]:
     """The source sentences and references of a split of the config's dataset."""
     if config.data.dataset == "reversal":
         raise ValueError("the reversal task has no text to translate")
+    splits = available_splits(config)
+    if split not in splits:
+        raise ValueError(
+            f"dataset {config.data.dataset!r} has no {split!r} split (it has {list(splits)}); "
+            "choose another --split, or give --source and --reference files"
+        )
     source = _load_source(config, split)
     pairs = [source[i] for i in range(len(source))]
     return [p["source"] for p in pairs], [p["target"] for p in pairs]
+
+
+def prepared_vocabularies(config) -> dict[int, str]:
+    """{size: path} of the vocabularies prepare_data.py stored for the config's dataset
+    (``<data_dir>/<dataset>/spm_bpe_<size>.model``)."""
+    import glob
+    import re
+
+    folder = os.path.join(data_dir(config), *config.data.dataset.split("/"))
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(folder), "spm_bpe_*.model")):
+        match = re.fullmatch(r"spm_bpe_([0-9]+)\.model", os.path.basename(path))
+        if match and int(match.group(1)) > 0:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def resolve_vocab_size(config, workdir: str | None) -> tuple[int, str | None]:
+    """(V, the vocabulary file it comes from, or None) for a run of `config` in `workdir`.
+
+    The model's vocabulary size is the vocabulary's, not a number in the config file: the
+    workdir's own copy (a resumed run), else ``config.data.vocab_path``, else the one
+    prepare_data.py stored for the dataset (for the built-in corpus: only one of the config's
+    size). ``config.model.vocab_size`` chooses among several prepared sizes, and is the size
+    of the vocabulary trained when there is none. `workdir` None: a new workdir."""
+    from attention_jax.data.tokenizer import Tokenizer
+
+    size = config.model.vocab_size
+    if config.data.dataset == "reversal":
+        return size, None
+    in_workdir = os.path.join(workdir, VOCAB_FILE) if workdir else ""
+    for path in (in_workdir, config.data.get("vocab_path") or ""):
+        if path and os.path.exists(path):
+            return Tokenizer.load(path).vocab_size, path
+    prepared = prepared_vocabularies(config)
+    if size in prepared:
+        return size, prepared[size]
+    if config.data.dataset == BUILTIN:
+        # Generated in memory; a prepared vocabulary of it is only a cache of the one each
+        # workdir would train, used when its size is the config's.
+        return size, None
+    if len(prepared) == 1:
+        ((found, path),) = prepared.items()
+        return found, path
+    if prepared:
+        raise ValueError(
+            f"dataset {config.data.dataset!r} has prepared vocabularies of "
+            f"{sorted(prepared)} pieces and none of config.model.vocab_size={size}; choose one "
+            f"with --config.model.vocab_size={next(iter(prepared))}"
+        )
+    return size, None  # none yet: one of config.model.vocab_size pieces is trained
 
 
 def load_or_train_vocabulary(config, workdir: str, train_source):
