@@ -201,6 +201,8 @@ class Sandbox:
                     s.bind(("127.0.0.1", 0))
                     new = new.replace("{port}", str(s.getsockname()[1]))
             command = command.replace(old, new)
+        # /tmp/ first: the Python's own path may lie under /tmp (a clone there, as in CI).
+        command = command.replace("/tmp/", f"{self.tmp}/")
         command = command.replace(".venv/bin/python", shlex.quote(PYTHON))
         # The console script, wherever the README calls it: the same as python -m attention_jax.
         command = re.sub(
@@ -208,7 +210,6 @@ class Sandbox:
             f"{shlex.quote(PYTHON)} -m attention_jax",
             command,
         )
-        command = command.replace("/tmp/", f"{self.tmp}/")
         if command.startswith("make "):  # never install; the Python running the tests
             command += f" -o .venv/.installed PY={shlex.quote(PYTHON)}"
         return f"{command} {run.args}".strip()
