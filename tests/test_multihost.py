@@ -31,14 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    workdir = tmp_path / "multi"
-    env = {
-        **os.environ,
-        # 2 processes × 2 CPU devices: a 4-way data-parallel mesh spanning both processes.
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
+def _run_pair(env, tmp_path, workdir):
     address = f"127.0.0.1:{_free_port()}"
     command = [
         sys.executable, str(ROOT / "experiments" / "train.py"),
@@ -64,6 +57,30 @@ def test_two_processes_match_one(tmp_path):
             for q in procs:
                 q.kill()
             raise
+    return procs, outputs
+
+
+def test_two_processes_match_one(tmp_path):
+    workdir = tmp_path / "multi"
+    env = {
+        **os.environ,
+        # 2 processes × 2 CPU devices: a 4-way data-parallel mesh spanning both processes.
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    # Gloo's rendezvous has a fixed 30 s deadline; on 2 loaded cores (the suite's other
+    # worker compiling) one process can miss it. That is the machine, not the code under
+    # test: one more try, on a fresh port and workdir, and only for that failure.
+    for attempt in range(2):
+        procs, outputs = _run_pair(env, tmp_path, workdir)
+        rendezvous = any(
+            "Gloo context initialization failed" in out or "DEADLINE_EXCEEDED" in out
+            for p, out in zip(procs, outputs, strict=True)
+            if p.returncode != 0
+        )
+        if not rendezvous:
+            break
+        workdir = tmp_path / f"multi-retry{attempt + 1}"
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
     assert "final test metrics" in outputs[0]
