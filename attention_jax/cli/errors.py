@@ -160,3 +160,29 @@ def redeliver_swallowed_interrupts() -> None:
 
     hook.redelivers_interrupts = True
     sys.unraisablehook = hook
+
+
+def run_reader(
+    main: Callable[[list[str]], object], prog: str, argv: list[str], module: str
+) -> None:
+    """:func:`run` for the tools that only read a workdir (translate, evaluate): Ctrl-C is
+    honoured even where a caller installed no handler, `module`'s flags are listed by
+    ``--help``, and an interrupted run leaves without interpreter teardown, where work cut
+    short in background threads (Orbax's restore) would print tracebacks."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored one stays ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for flag in flags.FLAGS.get_flags_for_module(module):  # --help lists the main module's
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)  # flags: make them its own
+    try:
+        run(main, prog, argv=argv)
+    except SystemExit as e:
+        if e.code != 130:
+            raise
+        for stream in (sys.stdout, sys.stderr):  # files were cleaned up on the way out
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        os._exit(130)

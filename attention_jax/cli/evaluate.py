@@ -14,7 +14,6 @@ attention_jax/cli/translate.py) and must have the same number of lines.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from absl import app, flags, logging
@@ -112,25 +111,9 @@ def _log(message: str) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     global PROG
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # see experiments/evaluate.py
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv if argv is None else argv)
     PROG = os.path.basename(argv[0]) if argv[0].endswith(".py") else argv[0]
-    for flag in FLAGS.get_flags_for_module(__name__):  # --help lists the flags of the main
-        FLAGS.register_key_flag_for_module(sys.argv[0], flag)  # module: make them its own
-    try:
-        errors.run(main, PROG, argv=argv)
-    except SystemExit as e:
-        if e.code != 130:
-            raise
-        # Interrupted: no interpreter teardown, where work cut short in background threads
-        # (Orbax's restore) prints tracebacks. Files were cleaned up on the way out.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except OSError:
-                pass
-        os._exit(130)
+    errors.run_reader(main, PROG, argv, __name__)
 
 
 if __name__ == "__main__":
