@@ -78,7 +78,14 @@ def _snapshot(workdir) -> dict:
 
 
 def _truncate_largest_array_file(step_dir):
-    files = [p for p in pathlib.Path(step_dir, "state").rglob("*") if p.is_file()]
+    # Array bytes live in OCDBT data files (`.../d/<hash>`); with a tiny model the tree's
+    # JSON metadata (`_METADATA`, `_sharding`) can be larger than any of them, and truncating
+    # that is the metadata case, not this one.
+    files = [
+        p
+        for p in pathlib.Path(step_dir, "state").rglob("*")
+        if p.is_file() and p.parent.name == "d"
+    ]
     largest = max(files, key=lambda p: p.stat().st_size)
     size = largest.stat().st_size // 2
     os.truncate(largest, size)
