@@ -4,17 +4,17 @@ The pure core (no Flax: attention, masks, positional encodings) and the Flax mod
 (TransformerConfig, Transformer, TransformerLM) are re-exported here.
 """
 
-from attention_jax.attention import (
+from attention_jax.core.attention import (
     IMPLEMENTATIONS,
     dot_product_attention,
     init_multi_head_attention,
     multi_head_attention,
     scaled_dot_product_attention,
 )
-from attention_jax.config import TransformerConfig
-from attention_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask
-from attention_jax.model import Transformer, TransformerLM, shift_right
-from attention_jax.positional import apply_rotary_embedding, sinusoidal_positional_encoding
+from attention_jax.core.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from attention_jax.core.positional import apply_rotary_embedding, sinusoidal_positional_encoding
+from attention_jax.nn.config import TransformerConfig
+from attention_jax.nn.model import Transformer, TransformerLM, shift_right
 
 __version__ = "0.1.0"
 

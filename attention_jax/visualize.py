@@ -268,7 +268,7 @@ def training_curves(
 
     Args:
       metrics: a path to a ``metrics.jsonl`` written by
-        :class:`attention_jax.reporting.MetricsWriter` (one ``{"step": int, key: value,
+        :class:`attention_jax.train.reporting.MetricsWriter` (one ``{"step": int, key: value,
         ...}`` object per line), a workdir holding one, or an iterable of such dicts.
       keys: the keys to plot (e.g. ``["train_accuracy", "eval_accuracy"]``); default: every
         key with "loss" in its name (``train_loss``, ``eval_loss``, ...), in order of first

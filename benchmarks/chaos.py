@@ -346,7 +346,7 @@ def compare(reference: str, workdir: str, step: int) -> dict:
     import jax
     import numpy as np
 
-    from attention_jax.checkpoint import Checkpointer
+    from attention_jax.workdir.checkpoint import Checkpointer
 
     states = []
     for w in (reference, workdir):

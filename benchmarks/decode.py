@@ -3,9 +3,9 @@ the whole prefix at every step, and beam search (beam 4) with the cache; one pro
 
   no_cache  each step runs the decoder on all `length` positions (causal mask) and reads
             position t: O(length) work per token
-  greedy    attention_jax.decoding.translate(beam_size=1): one position per step, the
+  greedy    attention_jax.decode.decoding.translate(beam_size=1): one position per step, the
             self-attention keys/values cached, the encoder's projected once
-  beam4     the beam search of attention_jax.decoding.translate (beam 4, alpha 0.6), with
+  beam4     the beam search of attention_jax.decode.decoding.translate (beam 4, alpha 0.6), with
             EOS masked so that random weights decode the full length
 
 Random weights (the base config by default), random sources; with 32k candidates the
@@ -32,8 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention_jax import Transformer, TransformerConfig, decoding, search
-from attention_jax.model import shift_right
+from attention_jax import Transformer, TransformerConfig
+from attention_jax.decode import decoding, search
+from attention_jax.nn.model import shift_right
 
 
 @functools.partial(jax.jit, static_argnames=("model", "length"))

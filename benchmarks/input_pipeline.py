@@ -34,8 +34,10 @@ import sentencepiece
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention_jax import Transformer, TransformerConfig, sharding, training
+from attention_jax import Transformer, TransformerConfig
 from attention_jax.data import pipeline, toy_translation
+from attention_jax.nn import sharding
+from attention_jax.train import step as training
 
 VOCAB = 1000
 

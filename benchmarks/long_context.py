@@ -81,7 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timing import median_seconds
 
 import attention_jax as aj
-from attention_jax import attention as aj_attention
+from attention_jax.core import attention as aj_attention
 
 PASSES = ("fwd", "fwd+bwd")
 RESULT_MARKER = "@@long_context_result "

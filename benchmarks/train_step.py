@@ -4,10 +4,10 @@ Times attention_jax's jitted, sharded train step (Adam, label smoothing, the pap
 schedule) for a preset on random tokens, and measures the device's practical matmul peak
 (best of an n×n @ n×n matmul) in the same run, so MFU is against what this machine can do:
 
-  model FLOPs per step   attention_jax.flops.transformer_train_flops (PaLM appendix B)
+  model FLOPs per step   attention_jax.train.flops.transformer_train_flops (PaLM appendix B)
   MFU                    model FLOPs per second / (devices × peak)
 
-The peak is the measured matmul rate unless the device is in attention_jax.flops.PEAK_FLOPS
+The peak is the measured matmul rate unless the device is in attention_jax.train.flops.PEAK_FLOPS
 (TPUs, NVIDIA GPUs), in which case both are printed and MFU uses the spec sheet's.
 
   python benchmarks/train_step.py                      # the setting: base, 32k vocab,
@@ -30,7 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention_jax import Transformer, TransformerConfig, flops, sharding, training
+from attention_jax import Transformer, TransformerConfig
+from attention_jax.nn import sharding
+from attention_jax.train import flops
+from attention_jax.train import step as training
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

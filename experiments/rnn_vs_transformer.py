@@ -75,7 +75,7 @@ import numpy as np
 import optax
 
 import attention_jax as aj
-from attention_jax.losses import smoothed_cross_entropy
+from attention_jax.train.losses import smoothed_cross_entropy
 
 PAD = 0  # padding id and the decoder's start token, for both models
 

@@ -59,11 +59,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import attention_jax
-from attention_jax import train_loop, visualize
+from attention_jax import visualize
 from attention_jax.data import toy_translation
 from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.data.tokenizer import EOS_ID
-from attention_jax.inference import Translator
+from attention_jax.decode.translator import Translator
+from attention_jax.train import loop as train_loop
 
 # TINY: a few steps of a tiny model, so the whole notebook runs in well under a minute on a
 # CPU (the tests run it so). Its translations are wrong and its attention is noise.

@@ -63,11 +63,13 @@ import tempfile
 import jax
 
 import attention_jax
-from attention_jax import metrics, sharding, train_loop
-from attention_jax.checkpoint import Checkpointer
 from attention_jax.data import toy_translation
 from attention_jax.data.tasks import load_eval_pairs
-from attention_jax.inference import Translator
+from attention_jax.decode import metrics
+from attention_jax.decode.translator import Translator
+from attention_jax.nn import sharding
+from attention_jax.train import loop as train_loop
+from attention_jax.workdir.checkpoint import Checkpointer
 
 # TINY: the toy corpus, a tiny model and a few steps on CPU, in a temporary workdir.
 TINY = os.environ.get("ATTENTION_JAX_TINY", "0") == "1"

@@ -392,9 +392,9 @@ def test_init_multi_head_attention_shapes_and_scale():
 
 
 def test_blockwise_plan_fits_the_cpu_cache_budget():
-    plan = aj.blockwise.default_plan(2048, 2048, scale=0.125, backend="cpu")
+    plan = aj.core.blockwise.default_plan(2048, 2048, scale=0.125, backend="cpu")
     assert (plan.query_block, plan.key_block) == (256, 512)
-    heads = aj.blockwise.heads_per_step(plan, 64, backend="cpu")
-    assert heads * 256 * 512 * 4 <= aj.blockwise._TILE_BUDGET_BYTES["cpu"] and heads >= 1
-    small = aj.blockwise.default_plan(100, 90, scale=0.125, backend="cpu")
+    heads = aj.core.blockwise.heads_per_step(plan, 64, backend="cpu")
+    assert heads * 256 * 512 * 4 <= aj.core.blockwise._TILE_BUDGET_BYTES["cpu"] and heads >= 1
+    small = aj.core.blockwise.default_plan(100, 90, scale=0.125, backend="cpu")
     assert (small.query_block, small.key_block) == (100, 90)  # short: one tile

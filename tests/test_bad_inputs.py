@@ -31,11 +31,11 @@ from absl import app, flags
 from sentencepiece import sentencepiece_model_pb2
 
 import attention_jax as aj
-from attention_jax import decoding
 from attention_jax.cli import errors
 from attention_jax.data import tasks, toy_translation
 from attention_jax.data.tokenizer import Tokenizer
-from attention_jax.inference import save_config
+from attention_jax.decode import decoding
+from attention_jax.decode.translator import save_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"
@@ -549,7 +549,7 @@ def test_train_cli_disk_full_is_one_line(tmp_path, monkeypatch):
     """A full disk met deep inside a library (here: wrapped, as Orbax's save thread does)."""
     import errno
 
-    from attention_jax import train_loop
+    from attention_jax.train import loop as train_loop
 
     def full(config, workdir):
         try:

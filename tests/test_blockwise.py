@@ -14,7 +14,7 @@ import pytest
 from jax.test_util import check_grads
 
 import attention_jax as aj
-from attention_jax import blockwise as bw
+from attention_jax.core import blockwise as bw
 from tests.reference import rel_err
 
 F32_TOL = 1e-5

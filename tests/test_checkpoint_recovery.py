@@ -23,9 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from attention_jax import train_loop
-from attention_jax.checkpoint import Checkpointer, CheckpointSaveError
+from attention_jax.train import loop as train_loop
 from attention_jax.workdir import LOCK_FILE
+from attention_jax.workdir.checkpoint import Checkpointer, CheckpointSaveError
 from tests.chaos_support import chaos
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -344,7 +344,7 @@ def test_checkpoints_load_without_pickle(trained, tmp_path, monkeypatch):
 
 
 def test_resuming_drops_log_rows_past_the_checkpoint_the_test_report_and_a_torn_line(tmp_path):
-    from attention_jax.reporting import MetricsWriter
+    from attention_jax.train.reporting import MetricsWriter
 
     rows = [{"step": s, "train_loss": 1.0 / s} for s in (1, 2, 3, 4)]
     rows += [{"step": 4, "eval_loss": 0.5}, {"step": 4, "test_loss": 0.4}]

@@ -15,8 +15,8 @@ import pytest
 from reference import attention_f64, rel_err
 
 import attention_jax as aj
-from attention_jax import attention as A
-from attention_jax import blockwise as bw
+from attention_jax.core import attention as A
+from attention_jax.core import blockwise as bw
 
 TOL, GRAD_TOL = 1e-5, 5e-5
 CPU_IMPLS = ["xla", "blockwise", "blockwise_autodiff"]
@@ -137,7 +137,7 @@ def test_residual_is_the_float64_logsumexp_and_has_no_gradient(impl):
     seen = np.ones((B, T, N), bool)
     seen[1, 3] = False
     assert rel_err(np.asarray(res)[seen], lse[seen]) <= TOL
-    assert np.all(np.asarray(res)[~seen] == np.float32(aj.attention.NEG))  # jax.nn's value
+    assert np.all(np.asarray(res)[~seen] == np.float32(aj.core.attention.NEG))  # jax.nn's value
     g = jax.grad(lambda q: jnp.sum(aj.dot_product_attention(
         q, k, v, implementation=impl, return_residual=True)[1]))(q)  # fmt: skip
     assert np.all(g == 0)  # stop_gradient, as jax.nn
@@ -268,7 +268,7 @@ def test_none_never_picks_a_reverse_only_path_and_auto_may(monkeypatch):
     must serve jvp) a path with forward mode; with an argument the kernels cannot take
     'auto' does not pick them either. On CPU None picks 'blockwise_autodiff', 'auto'
     'blockwise' (its custom VJP is faster in reverse mode)."""
-    from attention_jax import kernels
+    from attention_jax.core import kernels
 
     monkeypatch.setattr(kernels, "unsupported_reason", lambda *a, **kw: None)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_jax import Transformer, TransformerConfig, metrics
-from attention_jax.decoding import greedy_decode
+from attention_jax import Transformer, TransformerConfig
+from attention_jax.decode import metrics
+from attention_jax.decode.decoding import greedy_decode
 
 
 def test_greedy_matches_eager_argmax_loop():

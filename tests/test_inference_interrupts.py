@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from attention_jax.checkpoint import _is_damage, _reraise
 from attention_jax.cli import errors
+from attention_jax.workdir.checkpoint import _is_damage, _reraise
 
 
 def _wrapped(inner: BaseException) -> Exception:

@@ -1,4 +1,4 @@
-"""How translate / evaluate read and write lines (attention_jax.inference), in-process: one
+"""How translate / evaluate read and write lines (attention_jax.decode.translator), in-process: one
 line per "\\n", whatever else the text holds; streaming reads; writing through symlinks,
 FIFOs and /dev/fd/N. The CLIs themselves: test_cli_fuzz.py."""
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from attention_jax.inference import (
+from attention_jax.decode.translator import (
     LINE_BREAKS,
     LineReader,
     Output,

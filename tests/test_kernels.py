@@ -1,4 +1,4 @@
-"""The fused-kernel wrappers of attention_jax.kernels, on CPU.
+"""The fused-kernel wrappers of attention_jax.core.kernels, on CPU.
 
 The Pallas kernels run in interpret mode: the GPU (Triton) kernel through Pallas'
 ``interpret=True``, the TPU kernel through TPU interpret mode. Each is compared, forward and
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from reference import rel_err
 
-from attention_jax import kernels
+from attention_jax.core import kernels
 
 F32_TOL = 1e-5
 H100 = kernels.DeviceKind("gpu", "NVIDIA H100 80GB HBM3", (9, 0))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from test_train_loop import _final_state, _losses, _tiny_config
 
-from attention_jax import train_loop
+from attention_jax.train import loop as train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 3

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_jax import Transformer, TransformerConfig, TransformerLM, training
-from attention_jax.model import shift_right_packed
+from attention_jax import Transformer, TransformerConfig, TransformerLM
+from attention_jax.nn.model import shift_right_packed
+from attention_jax.train import step as training
 
 CFG = TransformerConfig.tiny(vocab_size=50, dropout_rate=0.0, max_len=16)
 # Three examples (source, target); rows of length 12 hold [0, 1] and [2] when packed.

@@ -11,8 +11,10 @@ import pytest
 from tensorboardX.proto import event_pb2
 from test_train_loop import _tiny_config
 
-from attention_jax import Transformer, TransformerConfig, TransformerLM, flops, train_loop
-from attention_jax.reporting import MetricsWriter
+from attention_jax import Transformer, TransformerConfig, TransformerLM
+from attention_jax.train import flops
+from attention_jax.train import loop as train_loop
+from attention_jax.train.reporting import MetricsWriter
 
 
 def _xla_flops(fn, *args) -> float:
@@ -135,7 +137,7 @@ def test_training_run_logs_mfu_and_tensorboard(tmp_path, capsys):
 
 def test_metrics_jsonl_is_strict_json_with_nan_as_null(tmp_path):
     """Issue 14: a diverged loss was written as the bare word NaN, which is not JSON."""
-    from attention_jax.reporting import read_metrics
+    from attention_jax.train.reporting import read_metrics
 
     log = MetricsWriter(str(tmp_path))
     log.write(1, {"train_loss": float("nan"), "train_accuracy": 0.5, "x": float("-inf")})

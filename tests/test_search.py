@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_jax import search
+from attention_jax.decode import search
 
 PAD, EOS, BOS = 0, 1, 0
 V = 4

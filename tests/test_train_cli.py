@@ -14,11 +14,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from attention_jax import configs, train_loop
-from attention_jax.config import TransformerConfig, check_experiment_config
+from attention_jax import configs
 from attention_jax.data import sources, tasks, toy_translation
 from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
-from attention_jax.inference import load_config
+from attention_jax.decode.translator import load_config
+from attention_jax.nn.config import TransformerConfig, check_experiment_config
+from attention_jax.train import loop as train_loop
 
 VOCAB = 200  # what the corpus was prepared with; the config file says 37000
 

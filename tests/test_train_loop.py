@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_jax import Transformer, train_loop
-from attention_jax.checkpoint import Checkpointer, average_checkpoints
+from attention_jax import Transformer
+from attention_jax.train import loop as train_loop
+from attention_jax.workdir.checkpoint import Checkpointer, average_checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

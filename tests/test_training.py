@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import attention_jax as aj
-from attention_jax import losses, sharding, training
+from attention_jax.nn import sharding
+from attention_jax.train import losses
+from attention_jax.train import step as training
 
 V = 64
 

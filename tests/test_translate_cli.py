@@ -16,11 +16,12 @@ import pytest
 from shared_fixtures import build_once
 from test_translation_run import _config
 
-from attention_jax import decoding, metrics, train_loop
-from attention_jax.checkpoint import Checkpointer
 from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.data.tokenizer import Tokenizer
-from attention_jax.inference import Translator, load_config
+from attention_jax.decode import decoding, metrics
+from attention_jax.decode.translator import Translator, load_config
+from attention_jax.train import loop as train_loop
+from attention_jax.workdir.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # One xdist worker (make test: --dist loadgroup) runs both modules that share the trained

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from test_train_loop import _final_params, _losses
 
-from attention_jax import train_loop
 from attention_jax.data.sources import DatasetNotPreparedError
 from attention_jax.data.tokenizer import Tokenizer
+from attention_jax.train import loop as train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

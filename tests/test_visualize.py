@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 
 from attention_jax import sinusoidal_positional_encoding
 from attention_jax import visualize as viz
-from attention_jax.reporting import MetricsWriter
+from attention_jax.train.reporting import MetricsWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUERIES = ["The", "cat", "sat"]  # T = 3

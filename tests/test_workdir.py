@@ -1,4 +1,4 @@
-"""The workdir contract (attention_jax/workdir.py): one training run per workdir.
+"""The workdir contract (attention_jax/workdir/__init__.py): one training run per workdir.
 
 Issue 14: two trainings on one workdir both ran to completion, interleaving metrics.jsonl
 records and writing two event files. A second run is now refused at once; a run killed
@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from attention_jax import train_loop, workdir
+from attention_jax import workdir
+from attention_jax.train import loop as train_loop
 from attention_jax.workdir import WorkdirInUseError, WorkdirLock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +60,13 @@ def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path):
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     """SIGKILL runs no cleanup: the kernel drops a flock with its process."""
-    command = [sys.executable, "-c", _HOLDER, str(tmp_path), str(ROOT / "attention_jax/workdir.py")]
+    command = [
+        sys.executable,
+        "-c",
+        _HOLDER,
+        str(tmp_path),
+        str(ROOT / "attention_jax/workdir/__init__.py"),
+    ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as holder:
         try:
             assert holder.stdout.readline().strip() == "locked"

@@ -56,11 +56,11 @@ def main(argv):
     if (FLAGS.source is None) != (FLAGS.reference is None):
         raise app.UsageError("give both --source and --reference, or neither")
     logging.set_verbosity(logging.WARNING)
-    from attention_jax.checkpoint import quiet_abandoned_reads
+    from attention_jax.workdir.checkpoint import quiet_abandoned_reads
 
     quiet_abandoned_reads()  # a damaged checkpoint is said in one line, not in screens
-    from attention_jax import metrics
-    from attention_jax.inference import (
+    from attention_jax.decode import metrics
+    from attention_jax.decode.translator import (
         Output,
         TooLong,
         Translator,

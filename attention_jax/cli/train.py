@@ -167,7 +167,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str | None = None) -> st
     import jax.numpy as jnp
 
     from attention_jax.data.sources import DatasetNotPreparedError
-    from attention_jax.train_loop import model_config, resolve_config
+    from attention_jax.train.loop import model_config, resolve_config
 
     note = ""
     try:
@@ -187,10 +187,10 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str | None = None) -> st
 
 def _operational(error: BaseException) -> bool:
     """Errors a run meets in normal use, whose message is the whole story."""
-    from attention_jax.checkpoint import IncompatibleCheckpointError
     from attention_jax.data.sources import DatasetNotPreparedError
-    from attention_jax.train_loop import NoIntactCheckpointError, NonFiniteError
+    from attention_jax.train.loop import NoIntactCheckpointError, NonFiniteError
     from attention_jax.workdir import WorkdirInUseError
+    from attention_jax.workdir.checkpoint import IncompatibleCheckpointError
 
     return isinstance(
         error,
@@ -213,9 +213,9 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
 
-    from attention_jax.config import check_experiment_config
-    from attention_jax.sharding import initialize_distributed, make_mesh
-    from attention_jax.train_loop import model_config, train_and_evaluate
+    from attention_jax.nn.config import check_experiment_config
+    from attention_jax.nn.sharding import initialize_distributed, make_mesh
+    from attention_jax.train.loop import model_config, train_and_evaluate
 
     # Checked before the workdir is created or anything is trained.
     model_config(FLAGS.config)

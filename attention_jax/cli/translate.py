@@ -56,10 +56,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from attention_jax.checkpoint import quiet_abandoned_reads
+    from attention_jax.workdir.checkpoint import quiet_abandoned_reads
 
     quiet_abandoned_reads()  # a damaged checkpoint is said in one line, not in screens
-    from attention_jax.inference import (
+    from attention_jax.decode.translator import (
         LineReader,
         Output,
         TooLong,

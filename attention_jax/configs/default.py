@@ -11,8 +11,8 @@ is trained on its training split into the workdir on the first run.
 
 import ml_collections
 
-from attention_jax.config import model_config_dict
-from attention_jax.sharding import DEFAULT_RULES
+from attention_jax.nn.config import model_config_dict
+from attention_jax.nn.sharding import DEFAULT_RULES
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 200
     config.keep_checkpoints = 3
     # Peak FLOP/s of one device for the MFU column; 0 = look the device up in
-    # attention_jax.flops.PEAK_FLOPS (TPUs, NVIDIA GPUs); CPUs are not listed, so no MFU there
+    # attention_jax.train.flops.PEAK_FLOPS (TPUs, NVIDIA GPUs); CPUs are not listed, so no MFU there
     # unless given (benchmarks/train_step.py measures a CPU's matmul peak).
     config.peak_flops_per_device = 0.0
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = the rest

@@ -10,8 +10,8 @@ checkpoints every 10 minutes, the last 5 averaged, beam 4 with length penalty 0.
 
 import ml_collections
 
-from attention_jax.config import model_config_dict
-from attention_jax.sharding import DEFAULT_RULES
+from attention_jax.nn.config import model_config_dict
+from attention_jax.nn.sharding import DEFAULT_RULES
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.alpha = 0.6
     config.checkpoint_every = 2000
     config.keep_checkpoints = 5  # the paper averages the last 5 checkpoints of the base model
-    config.peak_flops_per_device = 0.0  # 0: look the device up (attention_jax.flops)
+    config.peak_flops_per_device = 0.0  # 0: look the device up (attention_jax.train.flops)
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = the rest
     config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axis
     return config

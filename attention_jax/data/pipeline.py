@@ -68,7 +68,7 @@ BATCH_KEYS = (
     "inputs_segmentation",
     "targets_segmentation",
 )
-# grain's packer names -> ours (the names attention_jax.training.PACKING_KEYS reads).
+# grain's packer names -> ours (the names attention_jax.train.step.PACKING_KEYS reads).
 _RENAME = {f"{side}_segment_ids": f"{side}_segmentation" for side in SIDES}
 _FILTER_STATE = "length_filter"  # marks our filter's part of the nested iterator state
 

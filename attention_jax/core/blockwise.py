@@ -3,7 +3,7 @@ custom VJP that recomputes block scores in the backward pass.
 
 Dense attention materialises the ``T × S`` scores: at T = 100,000 that is 40 GB per head in
 float32. Here each head is computed in tiles of ``query_block × key_block`` (the legend of
-:mod:`attention_jax.attention`: T queries, S keys, H head dim, V value dim, G heads):
+:mod:`attention_jax.core.attention`: T queries, S keys, H head dim, V value dim, G heads):
 
 * **Forward.** For each block of queries, a loop over the key blocks keeps a running row max
   ``m``, a running sum ``l`` of ``exp(logits - m)`` and a running output ``o``; when a new block
@@ -31,7 +31,7 @@ and its tiles outside the band are skipped too.
   static loop bounds (a ``lax.cond`` skips the invisible tiles), ``jax.checkpoint`` on each
   query block and each tile step, and leaves differentiation to JAX: every transform
   (``jvp``, ``jacfwd``, ``hessian``, ``vmap`` of ``grad``), memory still O(T), backward
-  slower (numbers in :mod:`attention_jax.attention`). Its P·V product runs in float32 for
+  slower (numbers in :mod:`attention_jax.core.attention`). Its P·V product runs in float32 for
   bf16/f16 (see ``_forward``); still, autodiff of ``o / l`` forms the softmax gradient as
   a difference of two separately rounded terms, so where one key takes all but ~1e-13 of
   a row's weight the (near-zero) gradient of that row is only float32-accurate in
@@ -599,7 +599,7 @@ def choose_implementation(*, backend: str, T: int, S: int, num_heads: int, want_
       want_weights: the caller needs the ``[T, S]`` weights (then the dense ``'xla'``, which
         forms them anyway).
       kernel_reasons: for ``'cudnn'`` and ``'pallas'``, None if the kernel can run this call,
-        else why not (:func:`attention_jax.kernels.unsupported_reason`); empty for ``None``,
+        else why not (:func:`attention_jax.core.kernels.unsupported_reason`); empty for ``None``,
         which never picks a kernel.
       forward_mode: the pick must serve every transform, forward mode included (``None``):
         ``'blockwise_autodiff'`` instead of the reverse-only ``'blockwise'``.

@@ -21,7 +21,7 @@ Ways to run the multi-head map (``implementation=``):
   one batched XLA computation that materialises the ``T × S`` scores, differentiated by
   plain autodiff (any transform works, forward mode included). The only one that takes
   flax's einsum overrides, ``einsum_dot_general`` or a traced ``scale``.
-* ``'blockwise'``: :mod:`attention_jax.blockwise`, the same math in tiles of queries and
+* ``'blockwise'``: :mod:`attention_jax.core.blockwise`, the same math in tiles of queries and
   keys with an online softmax and a recomputing custom VJP: O(T) memory instead of
   O(T·S), causal / window / length tiles skipped. Pure JAX, any device. **Reverse mode
   only** (``jax.custom_vjp`` has no forward mode): under ``jvp``, ``jacfwd`` or ``hessian``
@@ -31,12 +31,12 @@ Ways to run the multi-head map (``implementation=``):
   plain autodiff instead of the custom VJP: O(T) memory too, and every transform.
 * ``'cudnn'``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``
   (NVIDIA GPUs, bf16/f16). ``'pallas'``: the flash-attention kernels in
-  ``jax.experimental.pallas.ops`` (GPU, TPU); see :mod:`attention_jax.kernels`. Both are
+  ``jax.experimental.pallas.ops`` (GPU, TPU); see :mod:`attention_jax.core.kernels`. Both are
   reverse mode only and take none of query_seq_lengths, local_window_size,
   return_residual, the einsum overrides, einsum_dot_general, a traced scale (an explicit
   choice with one of those raises a ValueError naming it).
 * ``None``: the fastest path that serves **every** transform, mesh and dtype
-  (:func:`attention_jax.blockwise.choose_implementation` with ``forward_mode=True``): never
+  (:func:`attention_jax.core.blockwise.choose_implementation` with ``forward_mode=True``): never
   a fused kernel or ``'blockwise'``; ``'xla'`` for short sequences (on CPU while a head's
   float32 scores fit 512 KiB, i.e. T·S <= 131072), else ``'blockwise_autodiff'``.
 * ``'auto'``: the fastest path, which may be reverse-only: the fused kernels on GPU/TPU
@@ -86,8 +86,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_jax import blockwise
-from attention_jax.positional import apply_rotary_embedding
+from attention_jax.core import blockwise
+from attention_jax.core.positional import apply_rotary_embedding
 
 Implementation = Literal["xla", "blockwise", "blockwise_autodiff", "cudnn", "pallas", "auto"]
 IMPLEMENTATIONS: tuple[str, ...] = (
@@ -443,7 +443,7 @@ def _structural_mask(T, S, is_causal, window, kv_lengths, q_lengths, rank):
 
 def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
     """A fused kernel on [B, T, N, H] (the batch dims flattened into one B)."""
-    from attention_jax import kernels
+    from attention_jax.core import kernels
 
     *batch, T, N, H = q.shape
     B = math.prod(batch)
@@ -609,7 +609,7 @@ def multi_head_attention(
       return_weights, is_causal, key_value_seq_lengths: as in :func:`dot_product_attention`.
       query_positions, key_positions: integer ``[..., T]`` and ``[..., S]``; when given, the
         projected queries and keys are rotated by
-        :func:`attention_jax.positional.apply_rotary_embedding` (rotary positions).
+        :func:`attention_jax.core.positional.apply_rotary_embedding` (rotary positions).
 
     Returns:
       ``[..., T, Dout]``, or ``(out, weights [..., N, T, S])`` with ``return_weights``.
@@ -800,7 +800,7 @@ def _resolve_implementation(name, implementation, *, features=(), **call) -> str
     """The implementation that runs this call; an explicit one that cannot gets a ValueError.
 
     `call`: q_shape, k_shape, v_shape, dtype, has_mask, has_bias, is_causal, has_lengths,
-    dropout, want_weights (what :func:`attention_jax.kernels.unsupported_reason` takes).
+    dropout, want_weights (what :func:`attention_jax.core.kernels.unsupported_reason` takes).
     `features`: the arguments this call uses that only some implementations take (the fused
     kernels none; blockwise not the einsum overrides, einsum_dot_general, a traced scale).
     """
@@ -821,7 +821,7 @@ def _resolve_implementation(name, implementation, *, features=(), **call) -> str
             )
         return implementation
     if implementation in ("cudnn", "pallas"):
-        from attention_jax import kernels
+        from attention_jax.core import kernels
 
         reason = None
         if features:
@@ -839,7 +839,7 @@ def _resolve_implementation(name, implementation, *, features=(), **call) -> str
     # None serves every transform, so never a kernel (their custom VJPs have no forward
     # mode); 'auto' may pick one, and the VJP-only 'blockwise'.
     if implementation == "auto" and backend in ("gpu", "tpu") and not call["want_weights"]:
-        from attention_jax import kernels
+        from attention_jax.core import kernels
 
         reasons = {nm: kernels.unsupported_reason(nm, **call) for nm in ("cudnn", "pallas")}
         if features:

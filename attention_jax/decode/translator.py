@@ -27,17 +27,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from attention_jax import decoding
-from attention_jax.checkpoint import (
+from attention_jax.data.tasks import VOCAB_FILE
+from attention_jax.data.tokenizer import EOS_ID, Tokenizer
+from attention_jax.decode import decoding
+from attention_jax.nn.config import TransformerConfig
+from attention_jax.nn.model import Transformer
+from attention_jax.workdir.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
     _check_same_tree,
     average_checkpoints,
 )
-from attention_jax.config import TransformerConfig
-from attention_jax.data.tasks import VOCAB_FILE
-from attention_jax.data.tokenizer import EOS_ID, Tokenizer
-from attention_jax.model import Transformer
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"  # the folder checkpoint.Checkpointer keeps in a workdir
@@ -397,7 +397,7 @@ class TooLong:
 def _check_checkpoint(workdir: str, config, cfg: TransformerConfig, tokenizer: Tokenizer):
     """``check_meta(step, meta)`` for `Checkpointer.intact`: refuses a checkpoint whose model
     signature or vocabulary differs from what config.json and vocab.model describe."""
-    from attention_jax.train_loop import _model_signature
+    from attention_jax.train.loop import _model_signature
 
     ours = json.loads(json.dumps(_model_signature(cfg)))  # as the JSON metadata holds it
     vocab = os.path.join(workdir, VOCAB_FILE)
@@ -453,7 +453,7 @@ class Translator:
         Nothing in the workdir is written. A damaged checkpoint is skipped for the next
         older one, said in one line through `log`. config.json and vocab.model are checked
         against the checkpoints' stored model signature and vocabulary fingerprint."""
-        from attention_jax.train_loop import model_config  # the config -> model mapping
+        from attention_jax.train.loop import model_config  # the config -> model mapping
 
         config = load_config(workdir)
         try:

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from attention_jax.losses import smoothed_cross_entropy_sums
-from attention_jax.model import TransformerLM, shift_right_packed
-from attention_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
+from attention_jax.nn.model import TransformerLM, shift_right_packed
+from attention_jax.nn.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
+from attention_jax.train.losses import smoothed_cross_entropy_sums
 
 
 def paper_learning_rate(d_model: int, warmup_steps: int = 4000, factor: float = 1.0):

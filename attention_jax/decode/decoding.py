@@ -1,5 +1,5 @@
 """Decoding trained models with the KV cache: greedy and beam search for the encoder-decoder,
-sampling for the LM. The search algorithms themselves are model-free (attention_jax.search);
+sampling for the LM. The search algorithms themselves are model-free (attention_jax.decode.search);
 this module gives them a one-token step function over the model's cache.
 
 Paper settings (section 6.1): beam 4, length penalty alpha 0.6, maximum output length =
@@ -13,8 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attention_jax import search
-from attention_jax.model import Transformer, TransformerLM
+from attention_jax.decode import search
+from attention_jax.nn.model import Transformer, TransformerLM
 
 EOS = 1
 

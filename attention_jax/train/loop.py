@@ -30,14 +30,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from attention_jax import decoding, flops, metrics, sharding, training
-from attention_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
-from attention_jax.config import TransformerConfig, check_experiment_config
 from attention_jax.data import tasks
-from attention_jax.inference import save_config
-from attention_jax.model import Transformer
-from attention_jax.reporting import MetricsWriter, Progress
+from attention_jax.decode import decoding, metrics
+from attention_jax.decode.translator import save_config
+from attention_jax.nn import sharding
+from attention_jax.nn.config import TransformerConfig, check_experiment_config
+from attention_jax.nn.model import Transformer
+from attention_jax.train import flops
+from attention_jax.train import step as training
+from attention_jax.train.reporting import MetricsWriter, Progress
 from attention_jax.workdir import CONFIG_FILE, METRICS_FILE, WorkdirInUseError, WorkdirLock
+from attention_jax.workdir.checkpoint import Checkpointer, IncompatibleCheckpointError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

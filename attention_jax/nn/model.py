@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention_jax.config import TransformerConfig
-from attention_jax.layers import DecoderLayer, Embedder, EncoderLayer, layer_norm
-from attention_jax.masks import combine_masks, padding_mask, segment_mask
-from attention_jax.positional import sinusoidal_positional_encoding
+from attention_jax.core.masks import combine_masks, padding_mask, segment_mask
+from attention_jax.core.positional import sinusoidal_positional_encoding
+from attention_jax.nn.config import TransformerConfig
+from attention_jax.nn.layers import DecoderLayer, Embedder, EncoderLayer, layer_norm
 
 
 def shift_right(tokens, bos_id: int = 0):

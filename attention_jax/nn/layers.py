@@ -12,14 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention_jax.attention import (
+from attention_jax.core.attention import (
     dot_product_attention,
     merge_heads,
     multi_head_attention,
     project_heads,
 )
-from attention_jax.config import TransformerConfig
-from attention_jax.positional import apply_rotary_embedding
+from attention_jax.core.positional import apply_rotary_embedding
+from attention_jax.nn.config import TransformerConfig
 
 _xavier = nn.initializers.xavier_uniform
 

@@ -1,6 +1,6 @@
 """The fused attention kernels JAX ships, behind one multi-head interface.
 
-Dimension legend (as in :mod:`attention_jax.attention`):
+Dimension legend (as in :mod:`attention_jax.core.attention`):
 B batch · T query length · S key/value length · N heads · H head dim (queries, keys) ·
 V head dim of values · L a sequence length padded to a block multiple · D a padded head dim.
 
@@ -9,7 +9,7 @@ dim; the caller flattens the others) and returns ``out [B, T, N, V]`` in q's dty
 compose with ``jax.jit`` and ``jax.grad`` (the kernels bring their own custom VJPs; forward
 mode is not defined through them). ``scale`` is a Python float (the kernels take it as a
 static parameter). A query row that sees no key at all (``key_value_seq_lengths`` 0, or a
-mask row of all False) gives 0, as in :mod:`attention_jax.attention`, not the kernels'
+mask row of all False) gives 0, as in :mod:`attention_jax.core.attention`, not the kernels'
 uniform average of the values.
 
 * :func:`cudnn_attention`: cuDNN's flash attention via
@@ -29,7 +29,7 @@ uniform average of the values.
   Lengths that are not block multiples are padded here and the padding is masked: see
   :func:`pallas_attention`.
 * :func:`unsupported_reason`: None when a kernel can run a call, else a short reason; the
-  dispatcher in :mod:`attention_jax.attention` uses it. :func:`device_kind` describes the
+  dispatcher in :mod:`attention_jax.core.attention` uses it. :func:`device_kind` describes the
   device it checks against (and works on a CPU-only host).
 
 The constraints below come from the jax sources (paths relative to the installed ``jax``):

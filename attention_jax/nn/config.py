@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from attention_jax.attention import IMPLEMENTATIONS
+from attention_jax.core.attention import IMPLEMENTATIONS
 
 Positional = Literal["sinusoidal", "learned", "rotary", "none"]
 ACTIVATIONS = ("relu", "gelu", "silu")

@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from attention_jax.config import TransformerConfig
+from attention_jax.nn.config import TransformerConfig
 
 # Dense bf16 peak FLOP/s of one JAX device, by a substring of `device.device_kind` (most
 # specific first). Vendor spec sheets; TPU v2/v3 expose each core as a device.
