@@ -81,7 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timing import median_seconds
 
 import attention_jax as aj
-from attention_jax.core import attention as aj_attention
+from attention_jax.core import dispatch
 
 PASSES = ("fwd", "fwd+bwd")
 RESULT_MARKER = "@@long_context_result "
@@ -205,11 +205,11 @@ def dense_estimate_bytes(B, N, T, S, pass_name):
 
 
 def resolve_auto(q, causal):
-    """The implementation 'auto' runs for q = k = v (private API: '?' if it changed)."""
+    """The implementation 'auto' picks for q = k = v ('?' with the reason if that fails)."""
     try:
-        return aj_attention._resolve_implementation(
+        return dispatch.resolve_implementation(
             "dot_product_attention",
-            None,
+            "auto",
             q_shape=q.shape,
             k_shape=q.shape,
             v_shape=q.shape,

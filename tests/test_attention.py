@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 from reference import attention_f64, rel_err
 
 import attention_jax as aj
+from attention_jax.core.attention import attention_weights
 
 IMPLS = ["xla", "blockwise"]
 F32_TOL = 1e-5
@@ -203,6 +204,69 @@ def test_one_head_fully_masked_row_and_minus_inf_bias_are_finite():
     np.testing.assert_array_equal(out[1:], 0.0)
     g = jax.grad(lambda q: jnp.sum(aj.scaled_dot_product_attention(q, k, v, mask, bias)[0]))(q)
     assert np.all(np.isfinite(g))
+
+
+# ---- attention_weights: steps 1-3 of the one head alone. -----------------------------
+
+
+def _one_head_weights_f64(q, k, mask=None, bias=None):
+    """float64 weights [T, S] from the multi-head reference, one batch and head."""
+    v = np.zeros((k.shape[0], 1))  # the weights do not depend on v
+    m = None if mask is None else np.asarray(mask)[None, None]  # [1, 1, T, S]
+    b = None if bias is None else np.asarray(bias, np.float64)[None, None]
+    _, w = attention_f64(q[None, :, None], k[None, :, None], v[None, :, None], m, b)
+    return w[0, 0]  # [T, S]
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_attention_weights_match_float64_reference(with_mask, with_bias, rng):
+    T, S, H = 7, 11, 8
+    q = rng.standard_normal((T, H)).astype(np.float32)
+    k = rng.standard_normal((S, H)).astype(np.float32)
+    mask = rng.random((T, S)) < 0.7 if with_mask else None
+    bias = rng.standard_normal((1, S)).astype(np.float32) if with_bias else None
+    w = attention_weights(q, k, mask=mask, bias=bias)
+    assert w.shape == (T, S) and w.dtype == jnp.float32
+    assert rel_err(w, _one_head_weights_f64(q, k, mask, bias)) <= F32_TOL
+
+
+def test_attention_weights_rows_sum_to_one_and_masked_entries_are_zero(rng):
+    T, S, H = 6, 9, 4
+    q = rng.standard_normal((T, H)).astype(np.float32)
+    k = rng.standard_normal((S, H)).astype(np.float32)
+    mask = rng.random((T, S)) < 0.5
+    mask[:, 0] = True  # every row sees a key
+    w = np.asarray(attention_weights(q, k, mask=mask))
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=F32_TOL)
+    np.testing.assert_array_equal(w[~mask], 0.0)  # exactly 0, not merely small
+    assert np.all(w[mask] > 0)
+
+
+def test_attention_weights_fully_masked_rows_are_zero_and_gradients_finite():
+    q, k = jnp.ones((3, 4)), jnp.arange(20.0).reshape(5, 4) / 20
+    mask = jnp.ones((3, 5), bool).at[1].set(False)
+    bias = jnp.zeros((3, 5)).at[2].set(-jnp.inf)  # a row fully masked by bias alone
+    w = attention_weights(q, k, mask=mask, bias=bias)
+    np.testing.assert_array_equal(w[1:], 0.0)
+    np.testing.assert_allclose(w[0].sum(), 1.0, rtol=F32_TOL)
+    g = jax.grad(lambda q: jnp.sum(attention_weights(q, k, mask, bias)[0] ** 2))(q)
+    assert np.all(np.isfinite(g))
+
+
+def test_attention_weights_are_the_weights_of_scaled_dot_product_attention(rng):
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((5, 8), (6, 8), (6, 3)))
+    mask = np.tril(np.ones((5, 6), bool))
+    _, w = aj.scaled_dot_product_attention(q, k, v, mask=mask)
+    np.testing.assert_array_equal(attention_weights(q, k, mask=mask), w)
+
+
+def test_attention_weights_literal_1_e_over_1_plus_e():
+    # Two keys whose scaled scores differ by exactly 1: weights [1, e] / (1 + e).
+    q = jnp.array([[2.0, 0.0, 0.0, 0.0]])  # H = 4, 1/sqrt(H) = 1/2
+    k = jnp.array([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    w = attention_weights(q, k)
+    np.testing.assert_allclose(w, [[1 / (1 + math.e), math.e / (1 + math.e)]], rtol=1e-6)
 
 
 # ---- Composability: jit, grad, vmap, checkpoint. -------------------------------------

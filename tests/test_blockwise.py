@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 
 import attention_jax as aj
 from attention_jax.core import blockwise as bw
+from attention_jax.core import dispatch
 from tests.reference import rel_err
 
 F32_TOL = 1e-5
@@ -211,25 +212,27 @@ def test_is_causal_and_lengths_equal_jax_nn(impl, causal, rng):
 
 
 def test_auto_picks_blockwise_on_cpu_for_long_sequences_and_xla_for_short():
-    pick = lambda T, weights=False: bw.choose_implementation(  # noqa: E731
+    pick = lambda T, weights=False: dispatch.choose_implementation(  # noqa: E731
         backend="cpu", T=T, S=T, num_heads=8, want_weights=weights, kernel_reasons={}
     )
     assert pick(128) == "xla" and pick(2048) == "blockwise"
     assert pick(2048, weights=True) == "xla"  # the dense path forms the weights anyway
     # None (forward_mode=True) must serve jvp: the autodiff variant, never the custom VJP.
     cpu = dict(backend="cpu", T=2048, S=2048, num_heads=8, want_weights=False)
-    assert bw.choose_implementation(**cpu, kernel_reasons={}, forward_mode=True) == (
+    assert dispatch.choose_implementation(**cpu, kernel_reasons={}, forward_mode=True) == (
         "blockwise_autodiff"
     )
     gpu = dict(backend="gpu", T=4096, S=4096, num_heads=64, want_weights=False)
     assert (
-        bw.choose_implementation(**gpu, kernel_reasons={"cudnn": None, "pallas": None})
-        == (bw.GPU_KERNEL_PREFERENCE[0])
+        dispatch.choose_implementation(**gpu, kernel_reasons={"cudnn": None, "pallas": None})
+        == (dispatch.GPU_KERNEL_PREFERENCE[0])
     )
     refused = {"cudnn": "needs bf16", "pallas": "needs bf16"}
-    assert bw.choose_implementation(**gpu, kernel_reasons=refused) == "blockwise"  # 4 GiB dense
+    assert (
+        dispatch.choose_implementation(**gpu, kernel_reasons=refused) == "blockwise"
+    )  # 4 GiB dense
     small = dict(gpu, T=512, S=512)
-    assert bw.choose_implementation(**small, kernel_reasons=refused) == "xla"
+    assert dispatch.choose_implementation(**small, kernel_reasons=refused) == "xla"
 
 
 def test_long_sequence_forward_is_finite_and_matches_dense_rows(rng):

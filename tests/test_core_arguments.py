@@ -15,8 +15,8 @@ import pytest
 from reference import attention_f64, rel_err
 
 import attention_jax as aj
-from attention_jax.core import attention as A
 from attention_jax.core import blockwise as bw
+from attention_jax.core import dispatch
 
 TOL, GRAD_TOL = 1e-5, 5e-5
 CPU_IMPLS = ["xla", "blockwise", "blockwise_autodiff"]
@@ -268,12 +268,10 @@ def test_none_never_picks_a_reverse_only_path_and_auto_may(monkeypatch):
     must serve jvp) a path with forward mode; with an argument the kernels cannot take
     'auto' does not pick them either. On CPU None picks 'blockwise_autodiff', 'auto'
     'blockwise' (its custom VJP is faster in reverse mode)."""
-    from attention_jax.core import kernels
-
-    monkeypatch.setattr(kernels, "unsupported_reason", lambda *a, **kw: None)
+    monkeypatch.setattr(dispatch, "unsupported_reason", lambda *a, **kw: None)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    resolve = functools.partial(A._resolve_implementation, "dpa")
-    assert resolve("auto", **_call()) in bw.GPU_KERNEL_PREFERENCE
+    resolve = functools.partial(dispatch.resolve_implementation, "dpa")
+    assert resolve("auto", **_call()) in dispatch.GPU_KERNEL_PREFERENCE
     assert resolve(None, **_call()) in ("xla", "blockwise_autodiff")
     assert resolve("auto", **_call(features=["local_window_size"])) not in ("cudnn", "pallas")
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")

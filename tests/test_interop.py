@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from reference import attention_f64, rel_err
 
 import attention_jax as aj
+from attention_jax.core import dispatch
 
 OUT_TOL, GRAD_TOL = 1e-5, 5e-5
 # (implementation, T): None on both sides of the threshold, each explicit one above it.
@@ -43,7 +44,7 @@ FORWARD_MODE = [(None, 362), (None, 363), ("blockwise_autodiff", 363)]
 
 def test_cases_straddle_the_dispatch_threshold():
     """The premise of CASES: None picks 'xla' at T = 362 and a blockwise path at 363."""
-    pick = functools.partial(aj.core.blockwise.choose_implementation, backend="cpu", num_heads=8,
+    pick = functools.partial(dispatch.choose_implementation, backend="cpu", num_heads=8,
                              want_weights=False, kernel_reasons={}, forward_mode=True)  # fmt: skip
     assert pick(T=362, S=362) == "xla" and pick(T=363, S=363) == "blockwise_autodiff"
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from reference import rel_err
 
-from attention_jax.core import kernels
+from attention_jax.core import dispatch, kernels
 
 F32_TOL = 1e-5
-H100 = kernels.DeviceKind("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
-A100 = kernels.DeviceKind("gpu", "NVIDIA A100-SXM4-80GB", (8, 0))
-T4 = kernels.DeviceKind("gpu", "Tesla T4", (7, 5))
+H100 = dispatch.DeviceKind("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+A100 = dispatch.DeviceKind("gpu", "NVIDIA A100-SXM4-80GB", (8, 0))
+T4 = dispatch.DeviceKind("gpu", "Tesla T4", (7, 5))
 
 
 # ---- float64 reference: out and the vjp of a cotangent g. -----------------------------
@@ -152,7 +152,7 @@ def test_triton_mask_column_in_float16_with_a_tiny_scale(rng):
 
 def test_triton_is_the_interpreted_gpu_variant():
     shapes = dict(q_shape=(1, 8, 2, 16), k_shape=(1, 8, 2, 16), v_shape=(1, 8, 2, 16))
-    assert kernels.pallas_variant(**shapes, dtype="float32", interpret=True, backend="gpu") == (
+    assert dispatch.pallas_variant(**shapes, dtype="float32", interpret=True, backend="gpu") == (
         "triton"
     )
 
@@ -197,14 +197,16 @@ def test_bad_inputs_are_named(rng):
     kw = dict(scale=0.25, interpret=True, backend="gpu")
     with pytest.raises(TypeError, match="one dtype"):
         kernels.pallas_attention(q, k.astype(np.float16), v, **kw)
-    with pytest.raises(ValueError, match=r"must be \[B\] = \(2,\), got \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"must have the batch shape \(2,\) of query \[B, T, N, H\], got \(3,\)"
+    ):
         kernels.pallas_attention(q, k, v, key_value_seq_lengths=np.ones(3, np.int32), **kw)
     with pytest.raises(TypeError, match="scale must be a Python float"):
         kernels.pallas_attention(q, k, v, **{**kw, "scale": np.ones(1)})
     with pytest.raises(ValueError, match="power of two"):
         kernels.pallas_attention(q, k, v, block_q=24, **kw)
     with pytest.raises(ValueError, match="same head dim H"):
-        kernels.unsupported_reason("cudnn", q_shape=(2, 8, 2, 16), k_shape=(2, 8, 2, 8),
+        dispatch.unsupported_reason("cudnn", q_shape=(2, 8, 2, 16), k_shape=(2, 8, 2, 8),
                                    v_shape=(2, 8, 2, 16), dtype="bfloat16")  # fmt: skip
 
 
@@ -219,18 +221,18 @@ def _call(T=128, S=128, N=4, H=64, V=None, batch=(2,), dtype="bfloat16", **kw):
 
 
 def test_device_kind_on_cpu():
-    assert kernels.device_kind() == kernels.DeviceKind("cpu", "cpu", None)
-    assert kernels.device_kind("gpu") is None  # no GPU here: None, not an error
+    assert dispatch.device_kind() == dispatch.DeviceKind("cpu", "cpu", None)
+    assert dispatch.device_kind("gpu") is None  # no GPU here: None, not an error
 
 
 def test_reasons_on_this_cpu_host():
-    reason = kernels.unsupported_reason("cudnn", **_call())
+    reason = dispatch.unsupported_reason("cudnn", **_call())
     assert reason == "cudnn needs an NVIDIA GPU (the backend is cpu)"
-    reason = kernels.unsupported_reason("pallas", **_call())
+    reason = dispatch.unsupported_reason("pallas", **_call())
     assert "pallas kernels need a GPU or TPU (the default backend is cpu)" in reason
-    assert "interpret=True" in kernels.unsupported_reason("pallas", **_call(), interpret=True)
+    assert "interpret=True" in dispatch.unsupported_reason("pallas", **_call(), interpret=True)
     for backend in ("gpu", "tpu"):
-        assert kernels.unsupported_reason(
+        assert dispatch.unsupported_reason(
             "pallas", **_call(dtype="float32"), interpret=True, backend=backend
         ) is None  # fmt: skip
 
@@ -243,7 +245,7 @@ def test_reasons_on_this_cpu_host():
         (_call(H=256, batch=(2, 3)), None),  # Hopper allows H up to 256
         (_call(dtype="float32"), "cudnn needs bfloat16 or float16 inputs, got float32"),
         (_call(H=100), "head dim H <= 256 and a multiple of 8, got H=100"),
-        (_call(H=64, V=32), "V equal to H, got H=64, V=32"),
+        (_call(H=64, V=32), "Hv equal to H, got H=64, Hv=32"),
         (_call(T=7, has_bias=True), "even T and S, got T=7, S=128"),
         (_call(dropout=0.1), "dropout is not supported by cudnn"),
         (_call(want_weights=True), "does not return the attention weights"),
@@ -253,26 +255,26 @@ def test_reasons_on_this_cpu_host():
 def test_cudnn_reasons(call, expected):
     call.setdefault("backend", "gpu")
     call.setdefault("device_kind", H100)
-    reason = kernels.unsupported_reason("cudnn", **call)
+    reason = dispatch.unsupported_reason("cudnn", **call)
     assert reason is None if expected is None else expected in reason, reason
 
 
 def test_cudnn_arch_limits():
     gpu = dict(backend="gpu")
-    assert kernels.unsupported_reason("cudnn", **_call(H=256), **gpu, device_kind=A100) == (
+    assert dispatch.unsupported_reason("cudnn", **_call(H=256), **gpu, device_kind=A100) == (
         "cudnn needs head dim H <= 128 (256 on compute capability >= 9.0) and a multiple of "
         "8, got H=256"
     )
-    assert "compute capability >= 8.0, got 7.5" in kernels.unsupported_reason(
+    assert "compute capability >= 8.0, got 7.5" in dispatch.unsupported_reason(
         "cudnn", **_call(), **gpu, device_kind=T4
     )
-    rocm = kernels.DeviceKind("gpu", "AMD Instinct MI300X", None)
-    assert "NVIDIA (CUDA) GPU" in kernels.unsupported_reason(
+    rocm = dispatch.DeviceKind("gpu", "AMD Instinct MI300X", None)
+    assert "NVIDIA (CUDA) GPU" in dispatch.unsupported_reason(
         "cudnn", **_call(), **gpu, device_kind=rocm
     )
     # Planning for a GPU this host lacks: no device to check, conservative head-dim limit.
-    assert kernels.unsupported_reason("cudnn", **_call(H=128), **gpu) is None
-    assert "H <= 128" in kernels.unsupported_reason("cudnn", **_call(H=256), **gpu)
+    assert dispatch.unsupported_reason("cudnn", **_call(H=128), **gpu) is None
+    assert "H <= 128" in dispatch.unsupported_reason("cudnn", **_call(H=256), **gpu)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +294,7 @@ def test_cudnn_arch_limits():
 def test_pallas_gpu_reasons(call, expected):
     call.setdefault("backend", "gpu")
     call.setdefault("device_kind", A100)
-    reason = kernels.unsupported_reason("pallas", **call)
+    reason = dispatch.unsupported_reason("pallas", **call)
     assert reason is None if expected is None else expected in reason, reason
 
 
@@ -311,10 +313,10 @@ def test_pallas_gpu_reasons(call, expected):
 def test_pallas_mgpu_reasons_and_automatic_choice(call, expected):
     call.setdefault("backend", "gpu")
     call.setdefault("device_kind", H100)
-    reason = kernels.unsupported_reason("pallas", **call, variant="mgpu")
+    reason = dispatch.unsupported_reason("pallas", **call, variant="mgpu")
     assert reason is None if expected is None else expected in reason, reason
     # variant=None takes the Mosaic GPU kernel exactly when it qualifies, else Triton.
-    assert kernels.pallas_variant(**call) == ("mgpu" if expected is None else "triton")
+    assert dispatch.pallas_variant(**call) == ("mgpu" if expected is None else "triton")
 
 
 @pytest.mark.parametrize(
@@ -327,16 +329,16 @@ def test_pallas_mgpu_reasons_and_automatic_choice(call, expected):
     ],
 )
 def test_pallas_tpu_reasons(call, expected):
-    reason = kernels.unsupported_reason("pallas", **call, backend="tpu")
+    reason = dispatch.unsupported_reason("pallas", **call, backend="tpu")
     assert reason is None if expected is None else expected in reason, reason
     if expected is None:
-        assert kernels.pallas_variant(**call, backend="tpu") == "tpu"
+        assert dispatch.pallas_variant(**call, backend="tpu") == "tpu"
 
 
 def test_variant_must_fit_the_backend():
     with pytest.raises(ValueError, match="variant='tpu' is the TPU kernel"):
-        kernels.unsupported_reason("pallas", **_call(), backend="gpu", variant="tpu")
+        dispatch.unsupported_reason("pallas", **_call(), backend="gpu", variant="tpu")
     with pytest.raises(ValueError, match="backend='gpu'"):
-        kernels.unsupported_reason(
-            "pallas", **_call(), backend="gpu", device_kind=kernels.DeviceKind("tpu")
+        dispatch.unsupported_reason(
+            "pallas", **_call(), backend="gpu", device_kind=dispatch.DeviceKind("tpu")
         )

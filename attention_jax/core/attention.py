@@ -1,23 +1,22 @@
 """Scaled dot-product attention as pure, composable JAX functions (no Flax).
 
-Dimension legend (used in every einsum and shape comment):
-B batch · T query length · S key/value length · N heads · H head dim (queries, keys) ·
-V head dim of values (Hv) · D model width · G = batch × heads, flattened.
-
-The paper's attention for one head is four steps (section 3.2.1):
+The paper's attention for one head is four steps (section 3.2.1), legend as in
+:mod:`attention_jax.core`:
 
     1. scores  = q · kᵀ                       [T, S]
-    2. scaled  = scores / √H
-    3. weights = softmax(scaled)              (masked keys get weight exactly 0)
-    4. out     = weights · v                  [T, V]
+    2. scaled  = scores / √H                  [T, S]
+    3. weights = masked softmax(scaled)       [T, S]  (masked keys get weight exactly 0)
+    4. out     = weights · v                  [T, Hv]
 
-:func:`scaled_dot_product_attention` is exactly that. :func:`dot_product_attention` maps the
-same one-head function over heads and batch, and :func:`multi_head_attention` adds the
-learned projections of section 3.2.2.
+:func:`scaled_dot_product_attention` is exactly that and :func:`attention_weights` steps 1-3;
+:func:`masked_softmax` is step 3. :func:`dot_product_attention` maps the same one-head
+steps over heads and batch, and :func:`multi_head_attention` adds the learned projections
+of section 3.2.2.
 
-Ways to run the multi-head map (``implementation=``):
+Ways to run the multi-head map (``implementation=``; which one runs is decided in
+:mod:`attention_jax.core.dispatch`):
 
-* ``'xla'``: ``jax.vmap`` of the one-head function over heads, then over each batch dim;
+* ``'xla'``: ``jax.vmap`` of the one-head steps over heads, then over each batch dim;
   one batched XLA computation that materialises the ``T × S`` scores, differentiated by
   plain autodiff (any transform works, forward mode included). The only one that takes
   flax's einsum overrides, ``einsum_dot_general`` or a traced ``scale``.
@@ -28,43 +27,25 @@ Ways to run the multi-head map (``implementation=``):
   it raises a TypeError naming ``'blockwise_autodiff'`` (where jax raises inside this call;
   ``jvp`` of an already jitted function gets jax's own message).
 * ``'blockwise_autodiff'``: the same tiles with static loop bounds, ``jax.checkpoint`` and
-  plain autodiff instead of the custom VJP: O(T) memory too, and every transform.
+  plain autodiff instead of the custom VJP: O(T) memory too, and every transform; its
+  backward is slower than the custom VJP's (autodiff of the online softmax recomputes each
+  tile twice under ``jax.checkpoint`` and cannot skip tiles in reverse).
 * ``'cudnn'``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``
   (NVIDIA GPUs, bf16/f16). ``'pallas'``: the flash-attention kernels in
   ``jax.experimental.pallas.ops`` (GPU, TPU); see :mod:`attention_jax.core.kernels`. Both are
   reverse mode only and take none of query_seq_lengths, local_window_size,
   return_residual, the einsum overrides, einsum_dot_general, a traced scale (an explicit
   choice with one of those raises a ValueError naming it).
-* ``None``: the fastest path that serves **every** transform, mesh and dtype
-  (:func:`attention_jax.core.blockwise.choose_implementation` with ``forward_mode=True``): never
-  a fused kernel or ``'blockwise'``; ``'xla'`` for short sequences (on CPU while a head's
-  float32 scores fit 512 KiB, i.e. T·S <= 131072), else ``'blockwise_autodiff'``.
+* ``None``: the fastest path that serves **every** transform, mesh and dtype: ``'xla'``
+  for short sequences, else ``'blockwise_autodiff'``.
 * ``'auto'``: the fastest path, which may be reverse-only: the fused kernels on GPU/TPU
   when they accept the call, ``'blockwise'`` for long sequences. For training steps, which
   only take ``grad``.
 
-Why ``None`` is ``'blockwise_autodiff'`` above the threshold, not ``'blockwise'`` nor
-``'xla'`` (2-core CPU, G = 4 heads, H = 64, float32, min of 3, ``memory_analysis`` temp
-bytes; ms / MiB; noisy, the machine was shared):
-
-====== ========= ================ ================ ==================
-T      pass      xla (dense)      blockwise (VJP)  blockwise_autodiff
-====== ========= ================ ================ ==================
-1024   fwd       15 / 0           19 / 6           18 / 6
-1024   fwd+bwd   80 / 64          66 / 9           99 / 13
-2048   fwd+bwd   357 / 256        387 / 9          406 / 19
-4096   fwd       192 / 0          145 / 7          139 / 7
-4096   fwd+bwd   1495 / 1024      478 / 13         909 / 31
-4096c  fwd+bwd   718 / 768        263 / 13         586 / 34
-====== ========= ================ ================ ==================
-
-(c: causal.) The autodiff variant's forward costs the same as the custom VJP's, its
-backward 1.2-2.2× more (autodiff of the online softmax recomputes each tile twice under
-``jax.checkpoint`` and cannot skip tiles in reverse), its memory stays O(T); dense
-``'xla'`` needs O(T·S) and is slower in reverse from T = 4096. A custom_jvp with a
-blockwise tangent rule and a custom transpose would serve both modes at VJP speed, but
-needs ``jax._src.custom_transpose`` (private, unversioned): not taken. ``'auto'`` keeps
-the faster reverse-only paths for callers that never take forward derivatives.
+The time and memory of the three pure-JAX paths, which set those choices: BUILD_NOTES.md,
+"A new user's first day (issue 14)", Measurements. A custom_jvp with a blockwise tangent
+rule and a custom transpose would serve both modes at VJP speed, but needs
+``jax._src.custom_transpose`` (private, unversioned): not taken.
 
 Masks that are structure rather than data are best given as such: ``is_causal=True``,
 ``local_window_size``, ``key_value_seq_lengths`` and ``query_seq_lengths`` cost no
@@ -79,27 +60,24 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_jax.core import blockwise
+from attention_jax.core import blockwise, dispatch, kernels
+from attention_jax.core._checks import (
+    check_broadcastable,
+    check_floating,
+    check_lengths,
+    check_qkv_shapes,
+    positive_int,
+)
+from attention_jax.core.dispatch import IMPLEMENTATIONS, Implementation
 from attention_jax.core.positional import apply_rotary_embedding
 
-Implementation = Literal["xla", "blockwise", "blockwise_autodiff", "cudnn", "pallas", "auto"]
-IMPLEMENTATIONS: tuple[str, ...] = (
-    "xla", "blockwise", "blockwise_autodiff", "cudnn", "pallas", "auto"
-)  # fmt: skip
-_BLOCKWISE = ("blockwise", "blockwise_autodiff")
-# Arguments only the dense 'xla' path takes.
-_DENSE_ONLY = (
-    "qk_attn_weights_einsum/attn_weights_value_einsum",
-    "einsum_dot_general",
-    "a traced scale",
-)
 NEG = blockwise.NEG
 
 _F32 = jnp.float32
@@ -111,74 +89,8 @@ def _acc_dtype(x):
 
 
 # --------------------------------------------------------------------------------------
-# The one head: the four steps.
+# One head: the four steps.
 # --------------------------------------------------------------------------------------
-
-
-def _attend(q, k, v, mask, bias, keep, *, scale, precision, want_weights, dot_general=None):
-    """The four steps for one head (or one block of its queries).
-
-    Args:
-      q: [T, H]; k: [S, H]; v: [S, V].
-      mask: bool broadcastable to [T, S] (True = attend), or None.
-      bias: float broadcastable to [T, S], added to the scaled scores, or None.
-      keep: float [T, S] dropout multiplier (0 or 1/keep_prob), or None.
-      dot_general: replaces ``lax.dot_general`` in both matmuls (flax's
-        ``einsum_dot_general``), or None.
-
-    Returns:
-      out [T, V] float32, lse [T] float32 (log-sum-exp of each row's logits; ``NEG`` for a
-      fully masked row), weights [T, S] float32 or None.
-    """
-    acc = _acc_dtype(q)
-    mm = dict(precision=precision, preferred_element_type=acc)
-    if dot_general is not None:
-        mm["_dot_general"] = dot_general
-    # 1. scores (float32 even for bf16/f16 inputs).
-    scores = jnp.einsum("TH,SH->TS", q, k, **mm)
-    # 2. scale by 1/√H.
-    logits = scores * scale  # [T, S]
-    # 3. softmax, normalised in float32.
-    p, lse = _softmax(logits, mask, bias)
-    # 4. weighted sum of the values.
-    pd = p if keep is None else p * keep
-    out = jnp.einsum("TS,SV->TV", pd.astype(v.dtype), v, **mm)  # [T, V]
-    return out, lse, (p if want_weights else None)
-
-
-def _softmax(logits, mask, bias):
-    """Softmax over the last axis of float32 `logits` [..., S] after adding `bias` and masking.
-
-    Returns ``(p, lse)``: the normalised weights in the logits' dtype (masked keys exactly
-    0; a row with every key masked all 0, so its output is 0, never 0/0 or NaN) and each
-    row's log-sum-exp (``NEG`` for such a row).
-
-    Normalising here, in float32, before the weights are cast to the values' dtype for the
-    last matmul, is what keeps bf16 gradients accurate: the softmax backward then forms
-    ``p ∘ (dp - rowsum(p ∘ dp))`` from one consistently rounded ``dp``. (Dividing after the
-    matmul, as before, made ``rowsum`` come from the float32 output instead, and where one
-    key dominates a row the difference cancels catastrophically.) Masked logits get the
-    finite ``NEG`` rather than -inf, so no operation produces an inf (``jax.debug_infs``).
-    """
-    if bias is not None:
-        logits = logits + bias.astype(logits.dtype)
-    if mask is not None:
-        logits = jnp.where(mask, logits, NEG)
-    # The max is only for stability (softmax is shift-invariant), hence no gradient; a row
-    # whose bias is all -inf has max -inf, shifted by 0 instead.
-    row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [..., 1]
-    if bias is not None:
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    e = jnp.exp(logits - row_max)  # [..., S]
-    if mask is not None:  # a fully masked row has max NEG: exp(NEG - NEG) = 1, not 0
-        e = jnp.where(mask, e, 0.0)
-    denom = jnp.sum(e, axis=-1, keepdims=True)  # [..., 1]
-    if mask is None and bias is None:  # every row has a key with e = 1
-        return e / denom, (row_max + jnp.log(denom))[..., 0]
-    seen = denom > 0
-    denom = jnp.where(seen, denom, 1.0)
-    lse = jnp.where(seen, row_max + jnp.log(denom), NEG)[..., 0]
-    return e / denom, lse
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, bias=None):
@@ -187,41 +99,120 @@ def scaled_dot_product_attention(q, k, v, mask=None, bias=None):
     Args:
       q: queries ``[T, H]``.
       k: keys ``[S, H]``.
-      v: values ``[S, V]``.
+      v: values ``[S, Hv]``.
       mask: optional, broadcastable to ``[T, S]``; True (nonzero) = attend. Masked keys get
         weight exactly 0; a query with every key masked gets zero output (never NaN).
       bias: optional float, broadcastable to ``[T, S]``, added to the scaled scores.
 
     Returns:
-      ``(out [T, V], weights [T, S])`` in the inputs' dtype. Scores and softmax are
+      ``(out [T, Hv], weights [T, S])`` in the inputs' dtype. Scores and softmax are
       computed in float32 for bf16/f16 inputs.
     """
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    dtype = _float_dtype("scaled_dot_product_attention", q, k, v, None)
-    if q.ndim != 2 or k.ndim != 2 or v.ndim != 2:
-        raise ValueError(
-            "scaled_dot_product_attention is for one head: expected q [T, H], k [S, H], "
-            f"v [S, V], got q {q.shape}, k {k.shape}, v {v.shape} "
-            "(use dot_product_attention for [..., T, N, H])"
-        )
-    _check_qkv("scaled_dot_product_attention", q, k, v, batch_rank=0)
-    target = (q.shape[0], k.shape[0])
-    mask = _check_mask("scaled_dot_product_attention", mask, target, "[T, S]")
-    bias = _check_bias("scaled_dot_product_attention", bias, target, "[T, S]")
-    mask = None if mask is None else _lead_pad(mask, 2)
-    bias = None if bias is None else _lead_pad(bias, 2)
-    out, _, weights = _attend(
-        q.astype(dtype),
-        k.astype(dtype),
-        v.astype(dtype),
-        mask,
-        bias,
-        None,
-        scale=1.0 / math.sqrt(q.shape[-1]),
-        precision=None,
-        want_weights=True,
-    )
+    dtype, (q, k, v), mask, bias = _one_head_args("scaled_dot_product_attention", q, k, v,
+                                                  mask, bias)  # fmt: skip
+    acc = _acc_dtype(q)
+    # 1. scores = q · kᵀ: [T, S], float32 even for bf16/f16 inputs.
+    scores = jnp.einsum("TH,SH->TS", q, k, preferred_element_type=acc)
+    # 2. scale by 1/√H (then add the bias): [T, S].
+    logits = _add_bias(scores * (1.0 / math.sqrt(q.shape[-1])), bias)
+    # 3. masked softmax over the keys: [T, S], each row sums to 1 (a row that sees no key: 0).
+    weights = masked_softmax(logits, mask)
+    # 4. weighted sum of the values: [T, Hv].
+    out = jnp.einsum("TS,SE->TE", weights.astype(v.dtype), v, preferred_element_type=acc)
     return out.astype(dtype), weights.astype(dtype)
+
+
+def attention_weights(q, k, mask=None, bias=None):
+    """Steps 1-3 of :func:`scaled_dot_product_attention` alone: the weights ``[T, S]``.
+
+    Args:
+      q: queries ``[T, H]``.
+      k: keys ``[S, H]``.
+      mask: optional, broadcastable to ``[T, S]``; True (nonzero) = attend.
+      bias: optional float, broadcastable to ``[T, S]``, added to the scaled scores.
+
+    Returns:
+      ``weights [T, S]`` in the inputs' dtype: each row sums to 1 over its unmasked keys,
+      masked keys get exactly 0, and a query with every key masked a row of zeros.
+    """
+    dtype, (q, k), mask, bias = _one_head_args("attention_weights", q, k, None, mask, bias)
+    # 1. scores = q · kᵀ: [T, S].
+    scores = jnp.einsum("TH,SH->TS", q, k, preferred_element_type=_acc_dtype(q))
+    # 2. scale by 1/√H (then add the bias): [T, S].
+    logits = _add_bias(scores * (1.0 / math.sqrt(q.shape[-1])), bias)
+    # 3. masked softmax over the keys: [T, S].
+    return masked_softmax(logits, mask).astype(dtype)
+
+
+def masked_softmax(logits, mask=None, *, return_lse: bool = False):
+    """Softmax over the last axis (the keys) of float ``logits [..., S]``, with masked keys.
+
+    Masked keys (``mask`` False) get weight exactly 0, and a row with every key masked
+    (or whose bias is all -inf) gets all zeros, so its output is 0, never 0/0 or NaN.
+    Masked logits are replaced by the finite ``NEG`` rather than -inf, so no operation
+    produces an inf (``jax.debug_infs``).
+
+    Normalising here, in float32, before the weights are cast to the values' dtype for
+    step 4, is what keeps bf16 gradients accurate: the softmax backward then forms
+    ``p ∘ (dp - rowsum(p ∘ dp))`` from one consistently rounded ``dp``. (Dividing after
+    the matmul made ``rowsum`` come from the float32 output instead, and where one key
+    dominates a row the difference cancels catastrophically.)
+
+    Args:
+      logits: ``[..., S]``, float32 (or float64).
+      mask: bool broadcastable to ``logits`` (True = attend), or None.
+      return_lse: also return each row's log-sum-exp ``[...]`` (``NEG`` for a row that
+        sees no key): the residual of ``dot_product_attention(return_residual=True)``.
+
+    Returns:
+      the weights, in ``logits``' dtype (and the log-sum-exp with ``return_lse``).
+    """
+    if mask is not None:
+        logits = jnp.where(mask, logits, NEG)
+    # The max is only for stability (softmax is shift-invariant), hence no gradient; a row
+    # whose bias is all -inf has max -inf, shifted by 0 instead.
+    row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [..., 1]
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    e = jnp.exp(logits - row_max)  # [..., S]
+    if mask is not None:  # a fully masked row has max NEG: exp(NEG - NEG) = 1, not 0
+        e = jnp.where(mask, e, 0.0)
+    denom = jnp.sum(e, axis=-1, keepdims=True)  # [..., 1]
+    seen = denom > 0  # False only for a row that sees no key
+    denom = jnp.where(seen, denom, 1.0)
+    weights = e / denom  # [..., S]
+    if not return_lse:
+        return weights
+    return weights, jnp.where(seen, row_max + jnp.log(denom), NEG)[..., 0]
+
+
+def _add_bias(logits, bias):
+    return logits if bias is None else logits + bias.astype(logits.dtype)
+
+
+def _attend(q, k, v, mask, bias, keep, *, scale, precision, dot_general):
+    """The four steps for one head inside the multi-head map, with what that map adds:
+    attention dropout, matmul precision, flax's ``einsum_dot_general``, the residual.
+
+    Args:
+      q: ``[T, H]``; k: ``[S, H]``; v: ``[S, Hv]``.
+      mask: bool broadcastable to ``[T, S]`` (True = attend), or None.
+      bias: float broadcastable to ``[T, S]``, added to the scaled scores, or None.
+      keep: float ``[T, S]`` dropout multiplier (0 or 1/keep_prob), or None.
+      dot_general: replaces ``lax.dot_general`` in both matmuls, or None.
+
+    Returns:
+      ``out [T, Hv]``, ``lse [T]`` (``NEG`` for a row that sees no key) and the weights
+      ``[T, S]`` before dropout, all in the accumulation dtype.
+    """
+    mm = dict(precision=precision, preferred_element_type=_acc_dtype(q))
+    if dot_general is not None:
+        mm["_dot_general"] = dot_general
+    scores = jnp.einsum("TH,SH->TS", q, k, **mm)  # 1. [T, S]
+    logits = _add_bias(scores * scale, bias)  # 2. [T, S]
+    weights, lse = masked_softmax(logits, mask, return_lse=True)  # 3. [T, S], [T]
+    dropped = weights if keep is None else weights * keep
+    out = jnp.einsum("TS,SE->TE", dropped.astype(v.dtype), v, **mm)  # 4. [T, Hv]
+    return out, lse, weights
 
 
 # --------------------------------------------------------------------------------------
@@ -269,7 +260,7 @@ def dot_product_attention(
     Args:
       query: ``[..., T, N, H]``.
       key: ``[..., S, N, H]``.
-      value: ``[..., S, N, V]``.
+      value: ``[..., S, N, Hv]``.
       bias: optional float, broadcastable to ``[..., N, T, S]``, added to the scaled scores.
       mask: optional, broadcastable to ``[..., N, T, S]``; True = attend. Any dtype: as in
         flax, nonzero = attend (Flax's ``make_causal_mask`` gives float32 0/1).
@@ -308,28 +299,23 @@ def dot_product_attention(
         e.g. for visualisation (``'blockwise'`` recomputes them from its log-sum-exp).
 
     Returns:
-      ``out [..., T, N, V]`` in ``dtype``; ``(out, weights)`` with ``return_weights``,
+      ``out [..., T, N, Hv]`` in ``dtype``; ``(out, weights)`` with ``return_weights``,
       ``(out, residual)`` with ``return_residual``, ``(out, weights, residual)`` with both.
     """
     name = "dot_product_attention"
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
     dtype = _float_dtype(name, query, key, value, dtype)
-    if query.ndim < 3 or query.ndim != key.ndim or query.ndim != value.ndim:
-        raise ValueError(
-            f"{name}: expected query [..., T, N, H], key [..., S, N, H], value [..., S, N, V] "
-            f"of the same rank >= 3, got query {query.shape}, key {key.shape}, "
-            f"value {value.shape}"
-        )
-    _check_qkv(name, query, key, value, batch_rank=query.ndim - 3)
+    check_qkv_shapes(name, query.shape, key.shape, value.shape, batch_legend=" [...]")
     *batch, T, N, H = query.shape
     S = key.shape[-3]
     target = (*batch, N, T, S)
     legend = "[..., N, T, S]"
     mask = _check_mask(name, mask, target, legend)
     bias = _check_bias(name, bias, target, legend)
-    kv_lengths = _check_lengths(name, "key_value_seq_lengths", key_value_seq_lengths,
-                                tuple(batch))  # fmt: skip
-    q_lengths = _check_lengths(name, "query_seq_lengths", query_seq_lengths, tuple(batch))
+    layout = "[..., T, N, H]"
+    kv_lengths = check_lengths(name, "key_value_seq_lengths", key_value_seq_lengths,
+                               tuple(batch), layout)  # fmt: skip
+    q_lengths = check_lengths(name, "query_seq_lengths", query_seq_lengths, tuple(batch), layout)
     window = _check_window(name, local_window_size)
     scale = _check_scale(name, scale, H)
     einsums = _check_einsums(name, precision, einsum_dot_general, qk_attn_weights_einsum,
@@ -345,7 +331,7 @@ def dot_product_attention(
         "einsum_dot_general": einsum_dot_general is not None,
         "a traced scale": not isinstance(scale, float),
     }
-    impl = _resolve_implementation(
+    impl = dispatch.resolve_implementation(
         name, implementation, q_shape=query.shape, k_shape=key.shape, v_shape=value.shape,
         dtype=dtype, has_mask=mask is not None, has_bias=bias is not None,
         is_causal=bool(is_causal), has_lengths=kv_lengths is not None, dropout=dropout,
@@ -363,7 +349,7 @@ def dot_product_attention(
     q, k, v = (jnp.swapaxes(x.astype(dtype), -3, -2) for x in (query, key, value))
     structural = _structural_mask(T, S, bool(is_causal), window, kv_lengths, q_lengths,
                                   len(target))  # fmt: skip
-    if impl in _BLOCKWISE:
+    if impl in ("blockwise", "blockwise_autodiff"):
         try:
             out, lse = blockwise.blockwise_attention(
                 q, k, v, mask, bias, scale=scale, is_causal=bool(is_causal),
@@ -371,7 +357,7 @@ def dot_product_attention(
                 local_window=window, dropout_rate=dropout, dropout_rng=dropout_rng,
                 broadcast_dropout=broadcast_dropout, precision=precision,
                 autodiff=impl == "blockwise_autodiff", return_lse=True,
-            )  # fmt: skip  # out [*b, N, T, V], lse [*b, N, T]
+            )  # fmt: skip  # out [*b, N, T, Hv], lse [*b, N, T]
         except TypeError as e:  # jvp of the custom VJP, caught where jax raises it in here
             if "forward-mode" not in str(e):
                 raise
@@ -388,10 +374,9 @@ def dot_product_attention(
         weights = None
         if want_weights:  # exp(logits - lse): the normaliser from the blockwise pass
             full = structural if mask is None else _and(mask, structural)
-            logits = jnp.einsum("...TH,...SH->...TS", q, k, precision=precision,
-                                preferred_element_type=_acc_dtype(q)) * scale  # fmt: skip
-            if bias is not None:
-                logits = logits + bias.astype(logits.dtype)
+            scores = jnp.einsum("...TH,...SH->...TS", q, k, precision=precision,
+                                preferred_element_type=_acc_dtype(q))  # fmt: skip
+            logits = _add_bias(scores * scale, bias)
             if full is not None:
                 logits = jnp.where(full, logits, NEG)
             weights = jnp.exp(logits - lse[..., None])  # [*b, N, T, S]
@@ -402,10 +387,9 @@ def dot_product_attention(
             mask = structural if mask is None else jnp.logical_and(mask, structural)
         out, lse, weights = _xla_path(
             q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout, scale=scale,
-            precision=precision, want_weights=want_weights, dot_general=einsum_dot_general,
-            einsums=einsums,
+            precision=precision, dot_general=einsum_dot_general, einsums=einsums,
         )  # fmt: skip
-    out = jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, V]
+    out = jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, Hv]
     result = [out]
     if want_weights:
         weights = weights.astype(dtype)  # [..., N, T, S]
@@ -443,12 +427,10 @@ def _structural_mask(T, S, is_causal, window, kv_lengths, q_lengths, rank):
 
 def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
     """A fused kernel on [B, T, N, H] (the batch dims flattened into one B)."""
-    from attention_jax.core import kernels
-
     *batch, T, N, H = q.shape
     B = math.prod(batch)
-    S, V = k.shape[-3], v.shape[-1]
-    q, k, v = q.reshape(B, T, N, H), k.reshape(B, S, N, H), v.reshape(B, S, N, v.shape[-1])
+    S, Hv = k.shape[-3], v.shape[-1]
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, S, N, H), v.reshape(B, S, N, Hv)
 
     def flat(x):  # [*b|1, N|1, T|1, S|1] -> [B|1, N|1, T|1, S|1]
         if x is None:
@@ -465,16 +447,16 @@ def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
     else:
         out = kernels.pallas_attention(q, k, v, is_causal=is_causal,
                                        key_value_seq_lengths=lengths, scale=scale)  # fmt: skip
-    return out.reshape(*batch, T, N, V).astype(q.dtype)
+    return out.reshape(*batch, T, N, Hv).astype(q.dtype)
 
 
 def _xla_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale, precision,
-              want_weights, dot_general=None, einsums=None):  # fmt: skip
-    """vmap of the one-head function over heads, then batch dims: one XLA computation.
+              dot_general=None, einsums=None):  # fmt: skip
+    """vmap of the one-head steps over heads, then batch dims: one XLA computation.
 
-    Returns out [*lead, T, V] (float32 for bf16/f16/f32), lse [*lead, T], weights or None.
-    With flax's einsum overrides (`einsums`), the same steps on the whole [..., N, T, S]
-    instead, calling them with flax's subscripts.
+    Returns out [*lead, T, Hv] (float32 for bf16/f16/f32), lse [*lead, T] and the weights
+    [*lead, T, S]. With flax's einsum overrides (`einsums`), the same steps on the whole
+    [..., N, T, S] instead, calling them with flax's subscripts.
     """
     lead = q.shape[:-2]  # (*batch, N)
     keep = None
@@ -487,12 +469,13 @@ def _xla_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale, pr
         # flax's layout and subscripts: [..., T, N, H] in, [..., N, T, S] weights.
         qt, kt, vt = (jnp.swapaxes(x, -3, -2) for x in (q, k, v))
         logits = qk("...qhd,...khd->...hqk", qt * jnp.asarray(scale, q.dtype), kt)
-        p, lse = _softmax(logits.astype(_acc_dtype(q)), mask, bias)
-        pd = p if keep is None else p * keep
-        out = av("...hqk,...khd->...qhd", pd.astype(v.dtype), vt)  # [..., T, N, V]
-        return jnp.swapaxes(out, -3, -2), lse, (p if want_weights else None)
+        weights, lse = masked_softmax(_add_bias(logits.astype(_acc_dtype(q)), bias), mask,
+                                      return_lse=True)  # fmt: skip
+        dropped = weights if keep is None else weights * keep
+        out = av("...hqk,...khd->...qhd", dropped.astype(v.dtype), vt)  # [..., T, N, Hv]
+        return jnp.swapaxes(out, -3, -2), lse, weights
     one_head = functools.partial(_attend, scale=scale, precision=precision,
-                                 want_weights=want_weights, dot_general=dot_general)  # fmt: skip
+                                 dot_general=dot_general)  # fmt: skip
     return _vmap_leading(one_head, (q, k, v, mask, bias, keep), lead)
 
 
@@ -549,8 +532,7 @@ def init_multi_head_attention(
         ("out_features", out_features),
         ("kv_features", kv_features),
     ):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"init_multi_head_attention: {nm} must be a positive int, got {val!r}")
+        positive_int("init_multi_head_attention", nm, val)
     if qkv_features % num_heads:
         raise ValueError(
             f"init_multi_head_attention: num_heads={num_heads} must divide the attention "
@@ -661,48 +643,38 @@ def merge_heads(params: dict, heads, *, dtype, precision=None):
 
 
 def _float_dtype(name, q, k, v, dtype):
+    """The computation dtype: ``dtype``, else the promoted dtype of q, k (and v)."""
     for nm, x in (("query", q), ("key", k), ("value", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name}: {nm} must be a floating-point array, got dtype {x.dtype}")
+        if x is not None:
+            check_floating(name, nm, x)
     if dtype is None:
-        return jnp.result_type(q, k, v)
+        return jnp.result_type(*(x for x in (q, k, v) if x is not None))
     if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise TypeError(f"{name}: dtype must be a floating-point dtype, got {dtype}")
     return jnp.dtype(dtype)
 
 
-def _check_qkv(name, q, k, v, *, batch_rank):
-    shapes = f"query {q.shape}, key {k.shape}, value {v.shape}"
-    if q.shape[:batch_rank] != k.shape[:batch_rank] or k.shape[:batch_rank] != v.shape[:batch_rank]:
+def _one_head_args(name, q, k, v, mask, bias):
+    """Checks one head's arguments (``v`` may be None): returns the dtype, q, k (and v)
+    cast to it, and mask (bool) and bias as ``[T|1, S|1]`` arrays or None."""
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    v = None if v is None else jnp.asarray(v)
+    dtype = _float_dtype(name, q, k, v, None)
+    if any(x is not None and x.ndim != 2 for x in (q, k, v)):
+        got = f"q {q.shape}, k {k.shape}" + ("" if v is None else f", v {v.shape}")
         raise ValueError(
-            f"{name}: query, key and value need the same batch dims [...], got {shapes}"
+            f"{name} is for one head: expected q [T, H], k [S, H]"
+            + ("" if v is None else ", v [S, Hv]")
+            + f", got {got} (use dot_product_attention for [..., T, N, H])"
         )
-    if q.ndim > 2:  # multi-head layout [..., T|S, N, H]
-        if not q.shape[-2] == k.shape[-2] == v.shape[-2]:
-            raise ValueError(
-                f"{name}: query, key and value need the same number of heads N "
-                f"(layout [..., T|S, N, H]), got {shapes}; grouped-query attention "
-                "(key/value heads K != N) is not supported, repeat the key and value "
-                "heads to N (jnp.repeat(x, N // K, axis=-2))"
-            )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"{name}: query and key need the same head dim H (last axis), got {shapes}"
-        )
-    s_axis = -3 if q.ndim > 2 else 0
-    if k.shape[s_axis] != v.shape[s_axis]:
-        raise ValueError(
-            f"{name}: key and value need the same length S, got key {k.shape}, value {v.shape}"
-        )
-    for nm, x in (("query", q), ("key", k), ("value", v)):
-        if 0 in x.shape:
-            raise ValueError(f"{name}: {nm} has an empty dimension: {x.shape}")
-
-
-def _broadcastable(shape, target) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
+    check_qkv_shapes(name, q.shape, k.shape, None if v is None else v.shape, one_head=True)
+    target = (q.shape[0], k.shape[0])
+    mask = _check_mask(name, mask, target, "[T, S]")
+    bias = _check_bias(name, bias, target, "[T, S]")
+    mask = None if mask is None else _lead_pad(mask, 2)
+    bias = None if bias is None else _lead_pad(bias, 2)
+    arrays = tuple(x.astype(dtype) for x in (q, k, v) if x is not None)
+    return dtype, arrays, mask, bias
 
 
 def _check_mask(name, mask, target, legend):
@@ -711,10 +683,7 @@ def _check_mask(name, mask, target, legend):
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    if not _broadcastable(mask.shape, target):
-        raise ValueError(
-            f"{name}: mask of shape {mask.shape} is not broadcastable to {legend} = {target}"
-        )
+    check_broadcastable(name, "mask", mask, target, legend)
     return mask if mask.dtype == jnp.bool_ else mask.astype(jnp.bool_)
 
 
@@ -722,31 +691,13 @@ def _check_bias(name, bias, target, legend):
     if bias is None:
         return None
     bias = jnp.asarray(bias)
-    if not jnp.issubdtype(bias.dtype, jnp.floating):
-        raise TypeError(f"{name}: bias must be a floating-point array, got dtype {bias.dtype}")
-    if not _broadcastable(bias.shape, target):
-        raise ValueError(
-            f"{name}: bias of shape {bias.shape} is not broadcastable to {legend} = {target}"
-        )
+    check_floating(name, "bias", bias)
+    check_broadcastable(name, "bias", bias, target, legend)
     return bias
 
 
 def _lead_pad(x, rank):
     return x.reshape((1,) * (rank - x.ndim) + x.shape)
-
-
-def _check_lengths(name, argname, lengths, batch):
-    if lengths is None:
-        return None
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name}: {argname} must be an integer array, got dtype {lengths.dtype}")
-    if lengths.shape != batch:
-        raise ValueError(
-            f"{name}: {argname} must have the batch shape {batch} of query "
-            f"[..., T, N, H], got {lengths.shape}"
-        )
-    return lengths.astype(jnp.int32)
 
 
 def _check_window(name, window):
@@ -794,61 +745,6 @@ def _check_einsums(name, precision, dot_general, qk, av):
             "attn_weights_value_einsum are mutually exclusive; give only one of them"
         )
     return qk, av
-
-
-def _resolve_implementation(name, implementation, *, features=(), **call) -> str:
-    """The implementation that runs this call; an explicit one that cannot gets a ValueError.
-
-    `call`: q_shape, k_shape, v_shape, dtype, has_mask, has_bias, is_causal, has_lengths,
-    dropout, want_weights (what :func:`attention_jax.core.kernels.unsupported_reason` takes).
-    `features`: the arguments this call uses that only some implementations take (the fused
-    kernels none; blockwise not the einsum overrides, einsum_dot_general, a traced scale).
-    """
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(
-            f"{name}: implementation must be one of {IMPLEMENTATIONS} or None, "
-            f"got {implementation!r}"
-        )
-    features = tuple(features)
-    dense_only = tuple(f for f in features if f in _DENSE_ONLY)
-    if implementation == "xla":
-        return "xla"
-    if implementation in _BLOCKWISE:
-        if dense_only:
-            raise ValueError(
-                f"{name}: implementation={implementation!r} cannot take "
-                f"{', '.join(dense_only)}; use implementation='xla'"
-            )
-        return implementation
-    if implementation in ("cudnn", "pallas"):
-        from attention_jax.core import kernels
-
-        reason = None
-        if features:
-            reason = (
-                f"the fused kernels cannot take {', '.join(features)}; use "
-                "implementation='xla' or 'blockwise'"
-            )
-        reason = reason or kernels.unsupported_reason(implementation, **call)
-        if reason is not None:
-            raise ValueError(f"{name}: implementation={implementation!r} cannot run here: {reason}")
-        return implementation
-    (T, N, _), S = call["q_shape"][-3:], call["k_shape"][-3]
-    backend = jax.default_backend()
-    reasons = {}
-    # None serves every transform, so never a kernel (their custom VJPs have no forward
-    # mode); 'auto' may pick one, and the VJP-only 'blockwise'.
-    if implementation == "auto" and backend in ("gpu", "tpu") and not call["want_weights"]:
-        from attention_jax.core import kernels
-
-        reasons = {nm: kernels.unsupported_reason(nm, **call) for nm in ("cudnn", "pallas")}
-        if features:
-            reasons = dict.fromkeys(reasons, "argument")
-    G = math.prod(call["q_shape"][:-3]) * N
-    return blockwise.choose_implementation(backend=backend, T=T, S=S, num_heads=G,
-                                           want_weights=call["want_weights"] or bool(dense_only),
-                                           kernel_reasons=reasons,
-                                           forward_mode=implementation is None)  # fmt: skip
 
 
 def _check_dropout(name, rate, deterministic, rng) -> float:
@@ -906,8 +802,10 @@ def _check_mha_params(name, params, num_heads, inputs_q, inputs_kv):
 __all__ = [
     "IMPLEMENTATIONS",
     "Implementation",
+    "attention_weights",
     "dot_product_attention",
     "init_multi_head_attention",
+    "masked_softmax",
     "multi_head_attention",
     "scaled_dot_product_attention",
 ]

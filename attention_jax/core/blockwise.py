@@ -2,8 +2,8 @@
 custom VJP that recomputes block scores in the backward pass.
 
 Dense attention materialises the ``T × S`` scores: at T = 100,000 that is 40 GB per head in
-float32. Here each head is computed in tiles of ``query_block × key_block`` (the legend of
-:mod:`attention_jax.core.attention`: T queries, S keys, H head dim, V value dim, G heads):
+float32. Here each head is computed in tiles of ``query_block × key_block`` (legend as in
+:mod:`attention_jax.core`; G = batch × heads, flattened):
 
 * **Forward.** For each block of queries, a loop over the key blocks keeps a running row max
   ``m``, a running sum ``l`` of ``exp(logits - m)`` and a running output ``o``; when a new block
@@ -31,11 +31,12 @@ and its tiles outside the band are skipped too.
   static loop bounds (a ``lax.cond`` skips the invisible tiles), ``jax.checkpoint`` on each
   query block and each tile step, and leaves differentiation to JAX: every transform
   (``jvp``, ``jacfwd``, ``hessian``, ``vmap`` of ``grad``), memory still O(T), backward
-  slower (numbers in :mod:`attention_jax.core.attention`). Its P·V product runs in float32 for
-  bf16/f16 (see ``_forward``); still, autodiff of ``o / l`` forms the softmax gradient as
-  a difference of two separately rounded terms, so where one key takes all but ~1e-13 of
-  a row's weight the (near-zero) gradient of that row is only float32-accurate in
-  absolute terms, not relative ones (the custom VJP and ``'xla'`` are).
+  slower (see BUILD_NOTES.md, "A new user's first day (issue 14)", Measurements). Its
+  P·V product runs in float32 for bf16/f16 (see ``_forward``); still, autodiff of
+  ``o / l`` forms the softmax gradient as a difference of two separately rounded terms,
+  so where one key takes all but ~1e-13 of a row's weight the (near-zero) gradient of that
+  row is only float32-accurate in absolute terms, not relative ones (the custom VJP and
+  ``'xla'`` are).
 * **Masking without infinities.** Masked logits get ``NEG`` (finite) and the masked
   entries of ``exp`` are zeroed explicitly, so no inf is ever computed (``jax.debug_infs``).
 * **Meshes.** Inside ``jax.shard_map`` the loop carries are made varying over the manual
@@ -47,8 +48,9 @@ Heads run in groups (``lax.map`` with ``batch_size``: vmapped inside a group, gr
 sequence) sized so one group's float32 tiles fit a per-backend budget: on CPU about the L2
 cache, which is also what makes this faster than dense XLA attention there (BUILD_NOTES.md).
 
-:func:`choose_implementation` is the policy behind ``implementation=None`` in
-:func:`attention_jax.dot_product_attention`.
+This file is a leaf: it imports nothing from the package. Whether it runs for a call is
+decided in :mod:`attention_jax.core.dispatch`; :func:`blockwise_attention` trusts its
+caller (:func:`attention_jax.core.attention.dot_product_attention`) to have checked the inputs.
 """
 
 from __future__ import annotations
@@ -297,9 +299,9 @@ def _padded(plan, q, k, v, mask, bias):
 
 
 def _forward(plan, q, k, v, mask, bias, kv_len, rng):
-    """out [T, V] and lse [T] of one head, in the accumulation dtype; lse is NEG for a row
+    """out [T, Hv] and lse [T] of one head, in the accumulation dtype; lse is NEG for a row
     that sees no key (its output is 0)."""
-    T, S, V = q.shape[0], k.shape[0], v.shape[1]
+    T, S, Hv = q.shape[0], k.shape[0], v.shape[1]
     acc = jnp.promote_types(q.dtype, _F32)
     nq, nk, qp, kp, vp, mask, bias = _padded(plan, q, k, v, mask, bias)
     limit = _key_limit(S, kp.shape[0], kv_len)
@@ -311,7 +313,7 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
         q_i = _rows(qp, i, qb)
 
         def key_block(j, carry, edge):
-            m, l, o = carry  # [qb], [qb], [qb, V]
+            m, l, o = carry  # [qb], [qb], [qb, Hv]
             k_j = _rows(kp, j, kb)
             s, keep, valid = _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc,
                                      edge=edge)  # fmt: skip
@@ -331,10 +333,10 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
             # (The custom VJP forms both from the same dO·Vᵀ, so it keeps v's dtype.)
             pv_dtype = acc if plan.autodiff else v.dtype
             v_j = _rows(vp, j, kb).astype(pv_dtype)
-            pv = jnp.einsum("TS,SV->TV", p.astype(pv_dtype), v_j, **mm)
+            pv = jnp.einsum("TS,SE->TE", p.astype(pv_dtype), v_j, **mm)
             return m_new, l, o * alpha[:, None] + pv
 
-        init = (jnp.full((qb,), NEG, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, V), acc))
+        init = (jnp.full((qb,), NEG, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, Hv), acc))
         init = _vary(init, *refs)
         start, whole, end = _key_blocks(plan, i, limit, nk)
         if plan.autodiff:  # static bounds: a scan, which reverse mode can differentiate
@@ -360,13 +362,13 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
         out, lse = query_block(0)
     else:
         out, lse = lax.map(query_block, jnp.arange(nq))
-        out, lse = out.reshape(nq * qb, V), lse.reshape(nq * qb)
+        out, lse = out.reshape(nq * qb, Hv), lse.reshape(nq * qb)
     return out[:T], lse[:T]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _head_attention(plan, q, k, v, mask, bias, kv_len, rng):
-    """Attention of one head: out [T, V] and lse [T] in the accumulation dtype."""
+    """Attention of one head: out [T, Hv] and lse [T] in the accumulation dtype."""
     return _forward(plan, q, k, v, mask, bias, kv_len, rng)
 
 
@@ -378,7 +380,7 @@ def _head_attention_fwd(plan, q, k, v, mask, bias, kv_len, rng):
 def _head_attention_bwd(plan, res, cotangents):
     q, k, v, mask, bias, kv_len, rng, out, lse = res
     d_out, d_lse = cotangents
-    T, S, H, V = q.shape[0], k.shape[0], q.shape[1], v.shape[1]
+    T, S, H, Hv = q.shape[0], k.shape[0], q.shape[1], v.shape[1]
     acc = jnp.promote_types(q.dtype, _F32)
     nq, nk, qp, kp, vp, maskp, biasp = _padded(plan, q, k, v, mask, bias)
     limit = _key_limit(S, kp.shape[0], kv_len)
@@ -404,8 +406,8 @@ def _head_attention_bwd(plan, res, cotangents):
                                  edge=edge)  # fmt: skip
             p = jnp.exp(s - _rows(lsep, i, qb)[:, None])  # [qb, kb]
             pd = p if keep is None else p * keep
-            dv = dv + jnp.einsum("TS,TV->SV", pd.astype(v.dtype), do_i, **mm)
-            dp = jnp.einsum("TV,SV->TS", do_i, v_j, **mm)
+            dv = dv + jnp.einsum("TS,TE->SE", pd.astype(v.dtype), do_i, **mm)
+            dp = jnp.einsum("TE,SE->TS", do_i, v_j, **mm)
             dp = dp if keep is None else dp * keep
             dl = p * (dp - _rows(deltap, i, qb)[:, None])  # [qb, kb]
             dq_i = jnp.einsum("TS,SH->TH", dl.astype(q.dtype), k_j, **mm) * plan.scale
@@ -415,7 +417,7 @@ def _head_attention_bwd(plan, res, cotangents):
                 dbias = _add_tile(dbias, dl, i, j, plan)
             return dq, dbias, dk, dv
 
-        zeros = _vary((jnp.zeros((kb, H), acc), jnp.zeros((kb, V), acc)), *refs)
+        zeros = _vary((jnp.zeros((kb, H), acc), jnp.zeros((kb, Hv), acc)), *refs)
         init = (dq, dbias, *zeros)
         start, whole, stop = _query_blocks(plan, j, limit, nq)
         inner = lax.fori_loop(start, whole, functools.partial(query_block, edge=True), init)
@@ -427,7 +429,7 @@ def _head_attention_bwd(plan, res, cotangents):
     dbias0 = None if bias is None else jnp.zeros(biasp.shape, acc)
     init = _vary((jnp.zeros((nq * qb, H), acc), dbias0), *refs)
     (dq, dbias), (dk, dv) = lax.scan(key_block, init, jnp.arange(nk))
-    dk, dv = dk.reshape(nk * kb, H)[:S], dv.reshape(nk * kb, V)[:S]
+    dk, dv = dk.reshape(nk * kb, H)[:S], dv.reshape(nk * kb, Hv)[:S]
     if dbias is not None:
         dbias = dbias[: bias.shape[0], : bias.shape[1]].astype(bias.dtype)
     return dq[:T].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias, None, None
@@ -470,7 +472,7 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
     ``implementation='blockwise'`` for the checked ``[..., T, N, H]`` interface).
 
     Args:
-      q: ``[*lead, T, H]``; k: ``[*lead, S, H]``; v: ``[*lead, S, V]``, lead = (*batch, N).
+      q: ``[*lead, T, H]``; k: ``[*lead, S, H]``; v: ``[*lead, S, Hv]``, lead = (*batch, N).
       mask: bool ``[*lead|1, T|1, S|1]`` (True = attend) or None.
       bias: float ``[*lead|1, T|1, S|1]`` added to the scaled scores, or None.
       scale: the logit scale, normally ``1/√H``.
@@ -488,7 +490,7 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
       query_block, key_block: tile sizes (default: per backend, see ``_BLOCKS``).
 
     Returns:
-      ``out [*lead, T, V]`` in the accumulation dtype (float32 for bf16/f16/f32 inputs), or
+      ``out [*lead, T, Hv]`` in the accumulation dtype (float32 for bf16/f16/f32 inputs), or
       ``(out, lse)`` with ``return_lse``.
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
@@ -522,12 +524,12 @@ def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
             in_axes=(*axes, rng_axis), out_axes=(d, d), axis_size=lead[d],
         )  # fmt: skip
         return fn(*args, rngs)
-    T, H, S, V = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    T, H, S, Hv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     G = math.prod(lead)
-    qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, V)
-    mask_flat, mask_idx = flatten_lead(mask, lead)
-    bias_flat, bias_idx = flatten_lead(bias, lead)
-    len_flat, len_idx = flatten_lead(kv_lengths, lead)
+    qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, Hv)
+    mask_flat, mask_idx = _flatten_lead(mask, lead)
+    bias_flat, bias_idx = _flatten_lead(bias, lead)
+    len_flat, len_idx = _flatten_lead(kv_lengths, lead)
 
     def head(xs):
         g, q1, k1, v1 = xs
@@ -545,7 +547,7 @@ def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
     else:
         xs = (jnp.arange(G), qg, kg, vg)
         out, lse = lax.map(head, xs, batch_size=heads_per_step(plan, G))
-    return out.reshape(*lead, T, V), lse.reshape(*lead, T)
+    return out.reshape(*lead, T, Hv), lse.reshape(*lead, T)
 
 
 def _explicitly_sharded_dim(rank, *arrays):
@@ -561,7 +563,7 @@ def _explicitly_sharded_dim(rank, *arrays):
     return None
 
 
-def flatten_lead(x, lead):
+def _flatten_lead(x, lead):
     """x [*lead|1, ...] -> (x with its leading dims flattened, index array [G]) such that
     ``x_flat[index[g]]`` is the slice for the g-th (flattened) head."""
     if x is None:
@@ -572,47 +574,3 @@ def flatten_lead(x, lead):
     multi = [m if size != 1 else np.zeros_like(m) for m, size in zip(multi, lead_x, strict=True)]
     index = np.ravel_multi_index(multi, lead_x) if lead_x else np.zeros(1, np.int64)
     return flat, jnp.asarray(index, jnp.int32)
-
-
-# --------------------------------------------------------------------------------------
-# Which implementation runs a call (implementation=None / 'auto').
-# --------------------------------------------------------------------------------------
-
-# On CPU, blockwise beats one dense XLA computation once a head's float32 scores outgrow the
-# cache (BUILD_NOTES.md: T = 128 and 256 dense wins, 512 and up blockwise wins).
-_CPU_BLOCKWISE_MIN_SCORE_BYTES = 1 << 19
-# On accelerators without a usable fused kernel, dense attention until all heads' float32
-# scores would take this much memory.
-_DENSE_MAX_SCORE_BYTES = 1 << 30
-# Order of preference among the fused kernels on GPU (measured on an H200, BUILD_NOTES.md).
-GPU_KERNEL_PREFERENCE = ("cudnn", "pallas")
-
-
-def choose_implementation(*, backend: str, T: int, S: int, num_heads: int, want_weights: bool,
-                          kernel_reasons: dict[str, str | None],
-                          forward_mode: bool = False) -> str:  # fmt: skip
-    """The implementation ``None`` / ``'auto'`` runs.
-
-    Args:
-      backend: ``jax.default_backend()``.
-      T, S: query and key lengths; num_heads: batch × heads (G).
-      want_weights: the caller needs the ``[T, S]`` weights (then the dense ``'xla'``, which
-        forms them anyway).
-      kernel_reasons: for ``'cudnn'`` and ``'pallas'``, None if the kernel can run this call,
-        else why not (:func:`attention_jax.core.kernels.unsupported_reason`); empty for ``None``,
-        which never picks a kernel.
-      forward_mode: the pick must serve every transform, forward mode included (``None``):
-        ``'blockwise_autodiff'`` instead of the reverse-only ``'blockwise'``.
-    """
-    if want_weights:
-        return "xla"
-    if backend == "gpu":
-        for name in GPU_KERNEL_PREFERENCE:
-            if kernel_reasons.get(name, "") is None:
-                return name
-    if backend == "tpu" and kernel_reasons.get("pallas", "") is None:
-        return "pallas"
-    tiled = "blockwise_autodiff" if forward_mode else "blockwise"
-    if backend == "cpu":
-        return tiled if T * S * 4 > _CPU_BLOCKWISE_MIN_SCORE_BYTES else "xla"
-    return tiled if num_heads * T * S * 4 > _DENSE_MAX_SCORE_BYTES else "xla"

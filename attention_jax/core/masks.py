@@ -1,14 +1,16 @@
 """Attention masks: small pure functions, bool, ``True`` = attend.
 
 Every mask here is broadcastable to the ``[..., N, T, S]`` shape that
-:func:`attention_jax.dot_product_attention` takes (B batch, N heads, T query length,
-S key/value length). Build them outside the model and pass them in.
+:func:`attention_jax.core.attention.dot_product_attention` takes (legend as in
+:mod:`attention_jax.core`). Build them outside the model and pass them in.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+
+from attention_jax.core._checks import check_integer, positive_int
 
 
 def causal_mask(length: int, kv_length: int | None = None, *, offset: int = 0) -> jnp.ndarray:
@@ -24,10 +26,8 @@ def causal_mask(length: int, kv_length: int | None = None, *, offset: int = 0) -
     Returns:
       bool ``[T, S]``.
     """
-    length, kv_length = (
-        _positive_int("length", length),
-        _positive_int("kv_length", length if kv_length is None else kv_length),
-    )
+    length = positive_int("causal_mask", "length", length)
+    kv_length = positive_int("causal_mask", "kv_length", length if kv_length is None else kv_length)
     integer = (
         jnp.issubdtype(offset.dtype, jnp.integer) and offset.ndim == 0
         if hasattr(offset, "dtype")  # a (possibly traced) int scalar
@@ -105,24 +105,13 @@ def _query_key_ids(fn, name, ids, kv_ids):
     dims; returns both as arrays."""
     ids = jnp.asarray(ids)
     kv_ids = ids if kv_ids is None else jnp.asarray(kv_ids)
-    _check_ids(fn, name, ids)
-    _check_ids(fn, f"kv_{name}", kv_ids)
+    for nm, x in ((name, ids), (f"kv_{name}", kv_ids)):
+        check_integer(fn, nm, x, must="hold integer ids")
+        if x.ndim < 1:
+            raise ValueError(f"{fn}: {nm} must be [..., length], got a scalar")
     if ids.shape[:-1] != kv_ids.shape[:-1]:
         raise ValueError(
             f"{fn}: {name} [..., T] and kv_{name} [..., S] need the same leading dims, "
             f"got {ids.shape} and {kv_ids.shape}"
         )
     return ids, kv_ids
-
-
-def _check_ids(fn, name, ids):
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"{fn}: {name} must hold integer ids, got dtype {ids.dtype}")
-    if ids.ndim < 1:
-        raise ValueError(f"{fn}: {name} must be [..., length], got a scalar")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive Python int, got {value!r}")
-    return int(value)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from attention_jax.core._checks import check_floating, check_integer, positive_int
+
 
 def sinusoidal_positional_encoding(
     length_or_positions, d_model: int, max_timescale: float = 10000.0, *, dtype=jnp.float32
@@ -32,26 +34,23 @@ def sinusoidal_positional_encoding(
       ``[T, D]`` for an int length, ``[..., D]`` for a positions array; even columns are
       sines, odd columns cosines of the same frequency.
     """
-    if isinstance(d_model, bool) or not isinstance(d_model, (int, np.integer)) or d_model < 2:
-        raise ValueError(f"d_model must be a positive even int, got {d_model!r}")
+    fn = "sinusoidal_positional_encoding"
+    d_model = positive_int(fn, "d_model", d_model)
     if d_model % 2:
         raise ValueError(
-            f"d_model must be even (sine and cosine come in pairs), got d_model={d_model}"
+            f"{fn}: d_model must be even (sine and cosine come in pairs), got d_model={d_model}"
         )
     if isinstance(length_or_positions, (int, np.integer)) and not isinstance(
         length_or_positions, bool
     ):
         if length_or_positions < 0:
-            raise ValueError(f"length must be >= 0, got {length_or_positions}")
+            raise ValueError(f"{fn}: length must be >= 0, got {length_or_positions}")
         positions = jnp.arange(int(length_or_positions))  # [T]
     else:
         positions = jnp.asarray(length_or_positions)
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise TypeError(
-                "length_or_positions must be an int or an integer array of positions, "
-                f"got an array of dtype {positions.dtype}"
-            )
-    _check_timescale("sinusoidal_positional_encoding", max_timescale)
+        must = "be an int or an integer array of positions"
+        check_integer(fn, "length_or_positions", positions, must=must)
+    _check_timescale(fn, max_timescale)
     # 1 / max_timescale^(2i / D) for i = 0 .. D/2 - 1, computed in float64 on the host.
     inv_freq = np.power(max_timescale, -np.arange(0, d_model, 2, dtype=np.float64) / d_model)
     inv_freq = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * positions.ndim + (-1,))
@@ -80,14 +79,8 @@ def apply_rotary_embedding(x, positions, max_timescale: float = 10000.0) -> jnp.
         raise ValueError(
             f"apply_rotary_embedding: x must be [..., T, N, H] with H even, got {x.shape}"
         )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"apply_rotary_embedding: x must be a floating-point array, got dtype {x.dtype}"
-        )
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(
-            f"apply_rotary_embedding: positions must be integers, got dtype {positions.dtype}"
-        )
+    check_floating("apply_rotary_embedding", "x", x)
+    check_integer("apply_rotary_embedding", "positions", positions, must="be integers")
     _check_timescale("apply_rotary_embedding", max_timescale)
     if positions.shape[-1] != x.shape[-3]:
         raise ValueError(
