@@ -25,17 +25,15 @@ import io
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 import sentencepiece
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from attention_jax import Transformer, TransformerConfig
 from attention_jax.data import pipeline, toy_translation
+from attention_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from attention_jax.nn import sharding
 from attention_jax.train import step as training
 
@@ -61,7 +59,8 @@ def train_tokenizer(sentences: list[str]) -> SentencePieceTokenizer:
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=VOCAB,
-        model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        model_type="bpe", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+        character_coverage=1.0,
         minloglevel=2,
     )  # fmt: skip
     return SentencePieceTokenizer(model.getvalue())

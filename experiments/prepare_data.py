@@ -4,11 +4,6 @@ attention_jax/cli/prepare_data.py for the flags).
 python experiments/prepare_data.py --dataset=local --name=my_corpus --train=a.en,a.de
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from attention_jax.cli.prepare_data import main, run
 
 __all__ = ["main"]

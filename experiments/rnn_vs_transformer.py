@@ -38,14 +38,13 @@ clipping at 1, Adam with linear warm-up then cosine decay; the step is `jax.jit`
 
 Outputs under --out_dir: results.json (every number, the settings and the machine; rewritten
 after each section) and rnn_vs_transformer.png (time vs T and accuracy vs T). --tiny runs
-tiny models at T in {8, 16} for a few steps (~20 s, mostly compiling; the test uses it);
-flags given explicitly override it.
+tiny models at T in {8, 16} for a few steps (mostly compiling; the test uses it); flags
+given explicitly override it.
 
 --from_json redraws the PNG and reprints the tables from a results.json without measuring.
 
-The committed results (BUILD_NOTES.md, docs/rnn_vs_transformer.json,
-docs/images/rnn_vs_transformer.png) come from a shared 2-core x86 CPU, jax 0.10.2, with other
-work running (load average 4-9), in 15.5 min ((a) 4.5, (b) 10.5):
+The committed results (BUILD_NOTES.md, which records the machine and the run time;
+docs/rnn_vs_transformer.json, docs/images/rnn_vs_transformer.png) come from:
 
   python experiments/rnn_vs_transformer.py --out_dir=/tmp/rnn_vs_transformer
   cp /tmp/rnn_vs_transformer/results.json docs/rnn_vs_transformer.json
@@ -61,24 +60,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 import attention_jax as aj
+from attention_jax.data.tokenizer import PAD_ID  # padding and the decoder's start, both models
 from attention_jax.train.losses import smoothed_cross_entropy
-
-PAD = 0  # padding id and the decoder's start token, for both models
-
 
 # --------------------------------------------------------------------------------------
 # Settings.
@@ -207,7 +200,7 @@ class LSTMSeq2Seq(nn.Module):
         return self.logits(y)  # [B, T, V]
 
     def __call__(self, inputs, targets):
-        return self.decode(self.encode(inputs), aj.shift_right(targets, PAD))
+        return self.decode(self.encode(inputs), aj.shift_right(targets, PAD_ID))
 
 
 def count_params(model: nn.Module, length: int = 4) -> int:
@@ -271,7 +264,7 @@ def train_step(model, optimizer, params, opt_state, inputs, targets):
 
     def loss_fn(p):
         logits = model.apply({"params": p}, inputs, targets)  # [B, T, V]
-        return smoothed_cross_entropy(logits, targets, label_smoothing=0.0, pad_id=PAD)
+        return smoothed_cross_entropy(logits, targets, label_smoothing=0.0, pad_id=PAD_ID)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -464,7 +457,7 @@ def accuracy_table(rows: list[dict]) -> str:
 
 def plot(results: dict, path: str) -> None:
     """Two panels: train-step time vs T (log-log) and copy accuracy vs T."""
-    import matplotlib
+    import matplotlib  # only the plot needs it (slow to import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

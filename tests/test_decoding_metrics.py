@@ -1,5 +1,8 @@
 """Greedy decoding (against a step-by-step eager reference) and BLEU/chrF (hand cases)."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,9 +70,6 @@ def test_metrics_bad_input():
 
 def test_bleu_equals_sacrebleu_command_line(tmp_path):
     """Our corpus BLEU and chrF equal what `sacrebleu REF -i HYP` prints for the same files."""
-    import subprocess
-    import sys
-
     hyps = ["The cat sat on the mat.", "It is raining heavily today!", "Ein Haus am See."]
     refs = ["The cat sat on a mat.", "It rains heavily today!", "Ein Haus am See."]
     (tmp_path / "hyp").write_text("\n".join(hyps) + "\n")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from attention_jax import Transformer, TransformerConfig, TransformerLM
+from attention_jax.decode import decoding
 from attention_jax.nn.model import shift_right
 
 # Padding in the batch: sources of length 5 and 3, targets of length 4 and 6.
@@ -107,8 +108,6 @@ def test_decode_step_without_encoder_output_needs_decode():
 def test_empty_source_row_decodes_and_leaves_others_alone(beam_size):
     """An all-padding source (an empty sentence) decodes without NaNs, and the other rows of
     its batch decode exactly as they do alone."""
-    from attention_jax.decode import decoding
-
     cfg = TransformerConfig.tiny(vocab_size=30, max_len=16)
     model = Transformer(cfg)
     inputs = jnp.array([[0, 0, 0, 0], [5, 6, 7, 1]])

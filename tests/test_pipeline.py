@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from attention_jax.data import pipeline, toy_translation
-from attention_jax.data.pipeline import EOS_ID, PAD_ID
+from attention_jax.data.tokenizer import EOS_ID, PAD_ID
 
 
 class WordTokenizer:
@@ -374,13 +374,13 @@ def test_eval_limit_and_determinism(toy):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(max_length=1), "max_length must be an integer >= 2, got 1"),
-        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
-        (dict(batch_size=2.0), "batch_size must be an integer"),
+        (dict(max_length=1), "max_length must be an int >= 2, got 1"),
+        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(batch_size=2.0), "batch_size must be an int"),
         (dict(process_index=2, process_count=2), r"process_index must be in \[0, process_co"),
-        (dict(process_index=-1), "process_index must be an integer >= 0"),
-        (dict(process_count=0), "process_count must be an integer >= 1"),
-        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(process_index=-1), "process_index must be an int >= 0"),
+        (dict(process_count=0), "process_count must be an int >= 1"),
+        (dict(seed=-1), "seed must be an int >= 0"),
         (dict(process_index=11, process_count=12), "process 11 of 12 gets no examples"),
     ],
 )

@@ -34,7 +34,7 @@ def tiny_run(script, tmp_path_factory):
     return settings, out_dir
 
 
-@pytest.mark.slow  # ~25 s of CPU, nearly all XLA compiles (4 train steps, 4 forwards, 2 inits)
+@pytest.mark.slow  # nearly all XLA compiles (4 train steps, 4 forwards, 2 inits)
 def test_tiny_run_writes_both_models_at_every_length(tiny_run):
     settings, out_dir = tiny_run
     results = json.loads((out_dir / "results.json").read_text())

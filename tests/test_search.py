@@ -482,7 +482,7 @@ BAD = [
     (lambda: _sa(prompt=np.zeros((3, 2), np.int32)), "expected an integer prompt [B, P]"),
     (
         lambda: search.greedy_search(_wrong_logits, _C, batch_size=2, max_length=4),
-        "expected float logits [N = 2, V]",
+        "expected float logits [R = 2, V]",
     ),
     (
         lambda: search.beam_search(_wrong_cache, _C, batch_size=2, max_length=4),

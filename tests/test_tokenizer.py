@@ -1,7 +1,8 @@
 """SentencePiece tokenizer: lossless round trips, special ids, determinism, files, pickling,
 sampling helpers and bad inputs. Vocabularies are small (300 pieces on 2,000 toy pairs) so
-that each training takes ~0.1 s."""
+that each training is quick."""
 
+import inspect
 import io
 import pickle
 
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from attention_jax.core.masks import padding_mask
 from attention_jax.data import tokenizer as tok_lib
 from attention_jax.data import toy_translation
 from attention_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from attention_jax.nn.config import TransformerConfig
+from attention_jax.nn.model import shift_right, shift_right_packed
 
 VOCAB = 300
 UNICODE = [
@@ -33,6 +37,17 @@ def sentences():
 @pytest.fixture(scope="module")
 def tok(sentences):
     return Tokenizer.train(sentences, VOCAB)
+
+
+def test_core_and_nn_defaults_use_the_pad_id():
+    # core and nn may not import data, so their defaults restate PAD_ID; they must agree.
+    assert TransformerConfig(vocab_size=8).pad_id == PAD_ID
+    for fn, arg in (
+        (shift_right, "bos_id"),
+        (shift_right_packed, "bos_id"),
+        (padding_mask, "pad_id"),
+    ):
+        assert inspect.signature(fn).parameters[arg].default == PAD_ID, fn.__name__
 
 
 def test_special_ids_and_vocab_size(tok):

@@ -51,14 +51,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
 import numpy as np
+from absl import flags
 
-PAD_ID, EOS_ID = 0, 1
+from attention_jax.data._checks import check_int
+from attention_jax.data.tokenizer import EOS_ID, PAD_ID
+
 SIDES = ("inputs", "targets")
 BATCH_KEYS = (
     "inputs",
@@ -82,15 +84,9 @@ class Tokenizer(Protocol):
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_process(process_index: Any, process_count: Any) -> tuple[int, int]:
-    process_count = _check_int("process_count", process_count, 1)
-    process_index = _check_int("process_index", process_index, 0)
+    process_count = check_int("process_count", process_count, 1)
+    process_index = check_int("process_index", process_index, 0)
     if process_index >= process_count:
         raise ValueError(
             f"process_index must be in [0, process_count={process_count}), got {process_index}"
@@ -152,7 +148,7 @@ def shuffle_seed(seed: int, process_index: int) -> int:
 
     Not ``seed + process_index``: grain shuffles epoch e with the seed plus e, so sums would
     make one process's epoch the next epoch of another."""
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     state = np.random.SeedSequence((seed, process_index)).generate_state(1, np.uint32)
     return int(state[0])
 
@@ -245,27 +241,28 @@ def train_dataset(
     Where the work runs (none of it changes the batches, except worker_count):
     - ``num_threads`` > 0: that many threads read and tokenize ahead (the tokenizer must be
       thread-safe). Worth it for slow reads (remote storage), not for tokenizing: the GIL
-      serialises it, and 4-8 threads made the pipeline 1.4-3.4× slower on 2 and on 16 cores
-      (benchmarks/input_pipeline.py), hence the default 0.
+      serialises it, and threads made the pipeline slower (benchmarks/input_pipeline.py;
+      numbers in BUILD_NOTES.md), hence the default 0.
     - ``prefetch`` > 0: that many batches are packed ahead in a background thread.
     - ``worker_count`` > 0: that many worker processes run the whole pipeline, each on
       every worker_count-th element of the shuffled stream, ``prefetch`` batches ahead
       each; batches come round-robin. This is what keeps up with an accelerator: one
-      process packs ~8k toy examples/s (~100k tokens per side), while the base model's
-      step on one H200 at 96 × 256 tokens takes ~300k tokens/s; 8 workers gave 570k, 12
-      gave 685k. The stream, and the state's format, depend on worker_count: resume with
-      the same value. The source and the tokenizer must pickle (cloudpickle); workers take
-      ~2 s to start, and the iterator should be closed (``it.close()``) when done.
+      process packs fewer tokens per second than the base model's step consumes on a GPU
+      at the paper's batch, and 8 workers more (BUILD_NOTES.md, "Benchmark:
+      benchmarks/input_pipeline.py"). The stream, and the state's format, depend on
+      worker_count: resume with the same value. The source and the tokenizer must pickle
+      (cloudpickle); workers take seconds to start, and the iterator should be closed
+      (``it.close()``) when done.
 
     >>> it = iter(train_dataset(src, tok, seed=0, batch_size=64, max_length=256))
     >>> batch = next(it); state = it.get_state()   # JSON-able; it.set_state(state) resumes
     """
     process_index, process_count = _check_process(process_index, process_count)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    max_length = _check_int("max_length", max_length, 2)  # one token + EOS
-    num_threads = _check_int("num_threads", num_threads, 0)
-    prefetch = _check_int("prefetch", prefetch, 0)
-    worker_count = _check_int("worker_count", worker_count, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_length = check_int("max_length", max_length, 2)  # one token + EOS
+    num_threads = check_int("num_threads", num_threads, 0)
+    prefetch = check_int("prefetch", prefetch, 0)
+    worker_count = check_int("worker_count", worker_count, 0)
     _check_tokenizer(tokenizer)
     share = _check_source(source, process_index, process_count)
 
@@ -307,8 +304,6 @@ def _unparsed_flags_workaround() -> None:
     UnparsedFlagAccessError (google/grain#1355, fixed upstream by falling back to the
     default). Marking that one flag as given lets it read its default, False; no other
     flag changes, and a later parse of the command line still sets it."""
-    from absl import flags
-
     name = "grain_enable_multiprocess_worker_profiling"
     if not flags.FLAGS.is_parsed() and name in flags.FLAGS:
         flags.FLAGS[name].present = True
@@ -344,10 +339,10 @@ def tokens_per_batch_to_batch_size(
     data-parallel devices and over the processes; returns them divided by process_count.
     The paper's 25,000 tokens at max_length 256 on 8 devices and 1 process: 96 rows.
     """
-    tokens_per_batch = _check_int("tokens_per_batch", tokens_per_batch, 1)
-    max_length = _check_int("max_length", max_length, 1)
-    process_count = _check_int("process_count", process_count, 1)
-    data_parallel = _check_int("data_parallel", data_parallel, 1)
+    tokens_per_batch = check_int("tokens_per_batch", tokens_per_batch, 1)
+    max_length = check_int("max_length", max_length, 1)
+    process_count = check_int("process_count", process_count, 1)
+    data_parallel = check_int("data_parallel", data_parallel, 1)
     unit = math.lcm(data_parallel, process_count)
     rows = tokens_per_batch // max_length // unit * unit
     if rows == 0:
@@ -421,8 +416,8 @@ def eval_batches(
     and ``valid = False``.
     """
     process_index, process_count = _check_process(process_index, process_count)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    max_length = _check_int("max_length", max_length, 2)
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_length = check_int("max_length", max_length, 2)
     _check_tokenizer(tokenizer)
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise ValueError(
@@ -430,7 +425,7 @@ def eval_batches(
         )
     total = len(source)
     if limit is not None:
-        total = min(_check_int("limit", limit, 1), total)
+        total = min(check_int("limit", limit, 1), total)
     indices = np.arange(process_index, total, process_count, dtype=np.int64)
     per_process = -(-total // process_count)  # the largest share
     num_batches = -(-per_process // batch_size)
@@ -459,8 +454,6 @@ def eval_batches(
 
 __all__: Sequence[str] = (
     "BATCH_KEYS",
-    "EOS_ID",
-    "PAD_ID",
     "EvalSplit",
     "Tokenizer",
     "eval_batches",

@@ -1,15 +1,17 @@
 """A built-in sequence-to-sequence task that needs no files: sequence reversal.
 
-Token ids: 0 = padding, 1 = end of sequence, 2 .. V-1 = symbols. The target of a source
-``[a, b, c]`` is ``[c, b, a, EOS]``. Batches are a pure function of ``(seed, split, index)``,
-so a resumed run sees exactly the batches it would have seen, with no iterator state.
+Token ids: 0 = padding (`PAD_ID`), 1 = end of sequence (`EOS_ID`), 2 .. V-1 = symbols. The
+target of a source ``[a, b, c]`` is ``[c, b, a, EOS]``. Batches are a pure function of
+``(seed, split, index)``, so a resumed run sees exactly the batches it would have seen, with
+no iterator state.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PAD, EOS = 0, 1
+from attention_jax.data.tokenizer import EOS_ID, PAD_ID
+
 _SPLITS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -41,11 +43,11 @@ def reversal_batch(
     lengths = rng.integers(min_len, max_len + 1, size=batch_size)
     symbols = rng.integers(2, vocab_size, size=(batch_size, max_len))
     keep = np.arange(max_len)[None, :] < lengths[:, None]  # [b, max_len]
-    inputs = np.where(keep, symbols, PAD)
+    inputs = np.where(keep, symbols, PAD_ID)
     targets = np.zeros((batch_size, max_len + 1), np.int64)
     for row, n in enumerate(lengths):
         targets[row, :n] = inputs[row, :n][::-1]
-        targets[row, n] = EOS
+        targets[row, n] = EOS_ID
     rows = slice(
         process_index * batch_size // process_count,
         (process_index + 1) * batch_size // process_count,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import numbers
 import os
 import random
 import re
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
+
+from attention_jax.data._checks import check_int
 
 PAD_ID = 0
 EOS_ID = 1
@@ -120,8 +121,8 @@ class Tokenizer:
         """
         if isinstance(sentences, str | bytes):
             raise TypeError("sentences must be an iterable of str, not one string")
-        vocab_size = _positive_int("vocab_size", vocab_size)
-        max_sentences = _positive_int("max_sentences", max_sentences)
+        vocab_size = check_int("vocab_size", vocab_size, 1)
+        max_sentences = check_int("max_sentences", max_sentences, 1)
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
         sample, seen = _reservoir(sentences, max_sentences, seed)
@@ -278,8 +279,8 @@ def sample_pairs(num_pairs: int, max_sentences: int, *, seed: int = 0) -> np.nda
     ``num_pairs`` when their 2 sentences each fit in ``max_sentences``, else a uniform
     random ``max_sentences // 2`` of them (Knuth's selection sampling, drawn with
     ``random.Random(seed).random()``, so the same on every machine and Python version)."""
-    num_pairs = _positive_int("num_pairs", num_pairs, allow_zero=True)
-    max_sentences = _positive_int("max_sentences", max_sentences)
+    num_pairs = check_int("num_pairs", num_pairs)
+    max_sentences = check_int("max_sentences", max_sentences, 1)
     if max_sentences < 2:
         raise ValueError(f"max_sentences must be >= 2 (one pair), got {max_sentences}")
     wanted = min(num_pairs, max_sentences // 2)
@@ -321,7 +322,7 @@ def default_vocab_path(data_dir: PathLike, dataset: str, vocab_size: int) -> Pat
             f"dataset must be a TFDS name like 'my_corpus' or 'wmt14_translate/de-en', "
             f"got {dataset!r}"
         )
-    vocab_size = _positive_int("vocab_size", vocab_size)
+    vocab_size = check_int("vocab_size", vocab_size, 1)
     return Path(data_dir, *dataset.split("/"), f"spm_bpe_{vocab_size}.model")
 
 
@@ -360,14 +361,6 @@ def _training_error(error: RuntimeError, vocab_size: int, used: int, seen: int) 
             f"characters plus the 3 special pieces need at least {match.group(2)}"
         )
     return RuntimeError(f"SentencePiece training failed on {corpus}: {_first_line(error)}")
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not is_int or value < (0 if allow_zero else 1):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-    return int(value)
 
 
 def _describe(value: Any) -> str:

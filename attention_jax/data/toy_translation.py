@@ -43,16 +43,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import numbers
 import os
 import random
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from attention_jax.data._checks import check_int
+
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = (20_000, 1_000, 1_000)
-MAX_PAIRS = 1_000_000  # a cost cap (~15 s), not the grammar's size: ~2e31 sentences <= 25 words
+# A cost cap (its generation time: BUILD_NOTES.md), not the grammar's size: ~2e31 sentences
+# of <= 25 words.
+MAX_PAIRS = 1_000_000
 MAX_WORDS = 25
 
 # Lexicon: "english[:plural]=stem.gender". Adjectives are listed in the English order of
@@ -328,19 +331,12 @@ def translate(source: str) -> str:
 # ---- Public corpus API. ------------------------------------------------------------------
 
 
-def _check_int(name: str, value, limit: int) -> int:
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not (is_int and 0 <= value <= limit):
-        raise ValueError(f"{name} must be an int in [0, {limit:,}], got {value!r}")
-    return int(value)
-
-
 def generate_pairs(num_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
     """`num_pairs` distinct (English, target) pairs drawn with `seed`; a pure function of
     (num_pairs, seed), and a prefix of the list for any larger `num_pairs`. Ignores splits:
     train on `load_split`, so that held-out sentences stay held out."""
-    num_pairs = _check_int("num_pairs", num_pairs, MAX_PAIRS)
-    return list(itertools.islice(_distinct_pairs(_check_int("seed", seed, 2**63)), num_pairs))
+    num_pairs = check_int("num_pairs", num_pairs, 0, MAX_PAIRS)
+    return list(itertools.islice(_distinct_pairs(check_int("seed", seed, 0, 2**63)), num_pairs))
 
 
 def _split_of(source: str) -> str:
@@ -353,7 +349,7 @@ def _split_of(source: str) -> str:
 def _fill(wanted: tuple[str, ...], seed: int, sizes) -> dict[str, list[tuple[str, str]]]:
     if not (isinstance(sizes, (tuple, list)) and len(sizes) == len(SPLITS)):
         raise ValueError(f"sizes must be (train, validation, test) counts, got {sizes!r}")
-    sizes = [_check_int(f"{n} size", s, MAX_PAIRS) for n, s in zip(SPLITS, sizes, strict=True)]
+    sizes = [check_int(f"{n} size", s, 0, MAX_PAIRS) for n, s in zip(SPLITS, sizes, strict=True)]
     need = max(-(-sizes[0] * 20 // 18), sizes[1] * 20, sizes[2] * 20)
     if need > MAX_PAIRS:
         raise ValueError(
@@ -362,7 +358,7 @@ def _fill(wanted: tuple[str, ...], seed: int, sizes) -> dict[str, list[tuple[str
         )
     out = {name: [] for name in wanted}
     pending = {name for name in wanted if sizes[SPLITS.index(name)]}
-    stream = _distinct_pairs(_check_int("seed", seed, 2**63))
+    stream = _distinct_pairs(check_int("seed", seed, 0, 2**63))
     while pending:
         pair = next(stream)
         name = _split_of(pair[0])

@@ -13,10 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from attention_jax.data.tokenizer import EOS_ID
 from attention_jax.decode import search
 from attention_jax.nn.model import Transformer, TransformerLM
-
-EOS = 1
 
 
 def init_cache(model: Transformer, params, inputs, max_length: int) -> dict:
@@ -33,11 +32,12 @@ def init_cache(model: Transformer, params, inputs, max_length: int) -> dict:
 
 
 def step_fn(model: Transformer | TransformerLM, params):
-    """``tokens_to_logits(tokens [N], cache, step) -> (logits [N, V], cache)``: one decoder
-    position through the KV cache; the pad id's logit is -inf."""
+    """``tokens_to_logits(tokens [R], cache, step) -> (logits [R, V], cache)``: one decoder
+    position through the KV cache for R rows (B, or B * W in beam search); the pad id's logit
+    is -inf."""
 
     def tokens_to_logits(tokens, cache, step):
-        positions = jnp.full((tokens.shape[0], 1), step, jnp.int32)  # [N, 1]
+        positions = jnp.full((tokens.shape[0], 1), step, jnp.int32)  # [R, 1]
         variables = {"params": params, "cache": cache["model"]}
         if isinstance(model, TransformerLM):
             logits, new = model.apply(
@@ -50,7 +50,7 @@ def step_fn(model: Transformer | TransformerLM, params):
             )  # fmt: skip
         # Padding is not a word: never generate it (a generated pad would be read as padding
         # by the full-sequence model but not by the cache, and would end nothing).
-        logits = logits[:, 0].at[:, model.config.pad_id].set(-jnp.inf)  # [N, V]
+        logits = logits[:, 0].at[:, model.config.pad_id].set(-jnp.inf)  # [R, V]
         return logits, {**cache, "model": new["cache"]}
 
     return tokens_to_logits
@@ -82,16 +82,16 @@ def translate(
     if beam_size == 1:
         return search.greedy_search(
             tokens_to_logits, cache, batch_size=B, max_length=max_length, lengths=lengths,
-            eos_id=EOS, pad_id=pad,
+            eos_id=EOS_ID, pad_id=pad, bos_id=pad,
         )  # fmt: skip
     sequences, _ = search.beam_search(
         tokens_to_logits, cache, batch_size=B, beam_size=beam_size, alpha=alpha,
-        max_length=max_length, lengths=lengths, eos_id=EOS, pad_id=pad,
+        max_length=max_length, lengths=lengths, eos_id=EOS_ID, pad_id=pad, bos_id=pad,
     )  # fmt: skip
     return sequences[:, 0]  # the best beam
 
 
-def greedy_decode(model: Transformer, params, inputs, *, max_length: int, eos_id: int = EOS):
+def greedy_decode(model: Transformer, params, inputs, *, max_length: int):
     """inputs [B, S] -> output ids [B, max_length] by greedy search (KV cache), no
     per-row length limit beyond `max_length`."""
     return translate(
@@ -119,5 +119,5 @@ def generate(
     return search.sample(
         step_fn(model, params), {"model": created["cache"]}, rng, batch_size=B,
         max_length=max_length, prompt=prompt, temperature=temperature, top_k=top_k,
-        top_p=top_p, eos_id=EOS, pad_id=model.config.pad_id,
+        top_p=top_p, eos_id=EOS_ID, pad_id=model.config.pad_id, bos_id=model.config.pad_id,
     )  # fmt: skip

@@ -1,17 +1,20 @@
 """Search over a one-token step function: beam search, greedy search and sampling.
 
 Pure JAX (no Flax), batched, and `jit`-compilable: each search is one `lax.while_loop` over
-output positions with static shapes. Dimension legend: B batch, K beam, V vocabulary,
-T output length (``max_length``). N (heads elsewhere in the library) here counts the rows
-the step function sees: B, or B * K in beam search.
+output positions with static shapes. Dimensions: B batch, T output length (``max_length``),
+V vocabulary, as everywhere in the library; and, here only, W beam width (``beam_size``)
+and R the rows the step function sees: B, or B * W in beam search.
 
 The model enters only through the step function::
 
-    tokens_to_logits(tokens int32 [N], cache, step int32 []) -> (logits [N, V], new_cache)
+    tokens_to_logits(tokens int32 [R], cache, step int32 []) -> (logits [R, V], new_cache)
 
 ``tokens`` is the last token of each row (``bos_id`` at step 0), ``step`` the 0-based
-position being predicted, and ``cache`` any pytree whose leaves lead with N. Logits may be
+position being predicted, and ``cache`` any pytree whose leaves lead with R. Logits may be
 unnormalised; the searches take ``log_softmax`` in float32.
+
+Token ids default to the package's (`attention_jax.data.tokenizer`): ``eos_id=EOS_ID``,
+``pad_id=PAD_ID``, and ``bos_id=PAD_ID`` (the decoder's start slot holds the pad id).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from attention_jax.data.tokenizer import EOS_ID, PAD_ID
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -41,15 +46,15 @@ def beam_search(
     alpha: float = 0.6,
     max_length: int,
     lengths=None,
-    eos_id: int = 1,
-    pad_id: int = 0,
-    bos_id: int = 0,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
+    bos_id: int = PAD_ID,
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search with the GNMT length penalty, as in tensor2tensor / flax's WMT example.
 
     A hypothesis Y scores ``log P(Y) / length_penalty(|Y|, alpha)``, where |Y| counts its
-    tokens including the final EOS. Each row keeps K *alive* beams (best log P, no EOS yet)
-    and K *finished* ones (best score). At every step each alive beam's EOS extension is a
+    tokens including the final EOS. Each row keeps W *alive* beams (best log P, no EOS yet)
+    and W *finished* ones (best score). At every step each alive beam's EOS extension is a
     finished candidate; at a row's last position (``lengths[b]``, default ``max_length``)
     every extension is, so a row without EOS is finished there with |Y| = ``lengths[b]``.
     A row stops once its worst finished score is at least the best alive log P divided by
@@ -58,11 +63,11 @@ def beam_search(
     changes the result. The loop ends when every row has stopped, or at ``max_length``.
 
     Args:
-      tokens_to_logits: the step function (module docstring); here N = B * K.
-      init_cache: pytree with leaves ``[B, ...]``; each row is repeated K times
-        (``[B * K, ...]``, row ``b * K + k``) and gathered whenever beams are reselected.
+      tokens_to_logits: the step function (module docstring); here R = B * W.
+      init_cache: pytree with leaves ``[B, ...]``; each row is repeated W times
+        (``[B * W, ...]``, row ``b * W + w``) and gathered whenever beams are reselected.
       batch_size: B.
-      beam_size: K >= 1.
+      beam_size: W >= 1.
       alpha: length-penalty exponent >= 0 (0: plain log P).
       max_length: T, the static length of the outputs.
       lengths: optional int ``[B]``, each row's maximum output length in ``[1, T]``, such as
@@ -71,25 +76,21 @@ def beam_search(
         at step 0.
 
     Returns:
-      ``(sequences int32 [B, K, T], scores float32 [B, K])``, best first. Sequences keep
+      ``(sequences int32 [B, W, T], scores float32 [B, W])``, best first. Sequences keep
       their EOS and hold ``pad_id`` after it (or from ``lengths[b]`` on). When a row has
-      fewer than K hypotheses of nonzero probability the remaining slots are all pad with
+      fewer than W hypotheses of nonzero probability the remaining slots are all pad with
       score ``-inf``.
     """
     name = "beam_search"
-    B = _positive_int(name, "batch_size", batch_size)
-    K = _positive_int(name, "beam_size", beam_size)
-    T = _positive_int(name, "max_length", max_length)
+    B, T = _check_sizes(name, batch_size, max_length)
+    W = _positive_int(name, "beam_size", beam_size)
     alpha = _nonnegative_real(name, "alpha", alpha)
-    eos_id, pad_id, bos_id = (
-        _token_id(name, nm, v)
-        for nm, v in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
-    )
+    eos_id, pad_id, bos_id = _check_ids(name, eos_id, pad_id, bos_id)
     lengths = _row_lengths(name, lengths, B, T)  # [B]
-    _check_cache(name, init_cache, B)
-    # Row b's beams are rows b * K .. b * K + K - 1.
-    cache = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), K, axis=0), init_cache)
-    V = _check_step_fn(name, tokens_to_logits, cache, B * K, eos_id)
+    cache = _check_cache(name, init_cache, B)
+    # Row b's beams are rows b * W .. b * W + W - 1.
+    cache = jax.tree.map(lambda x: jnp.repeat(x, W, axis=0), cache)
+    V = _check_step_fn(name, tokens_to_logits, cache, B * W, eos_id)
 
     max_penalty = length_penalty(lengths, alpha)  # [B]
 
@@ -101,10 +102,10 @@ def beam_search(
         return (step >= lengths) | (jnp.min(fin_scores, axis=1) >= best_alive)
 
     def extend(seqs, flat, step):
-        """seqs [B, K, T], flat indices [B, K'] into K * V -> the chosen beams with the chosen
-        token at `step`: [B, K', T]."""
-        beam, token = flat // V, flat % V  # [B, K'], [B, K']
-        chosen = jnp.take_along_axis(seqs, beam[:, :, None], axis=1)  # [B, K', T]
+        """seqs [B, W, T], flat indices [B, W'] into W * V -> the chosen beams with the chosen
+        token at `step`: [B, W', T]."""
+        beam, token = flat // V, flat % V  # [B, W'], [B, W']
+        chosen = jnp.take_along_axis(seqs, beam[:, :, None], axis=1)  # [B, W', T]
         return lax.dynamic_update_index_in_dim(chosen, token, step, axis=2), beam
 
     def more(state):
@@ -115,35 +116,35 @@ def beam_search(
         step, alive_seqs, alive_logp, fin_seqs, fin_scores, cache = state
         # A stopped row takes no new candidates, so its result is final.
         done = rows_done(step, alive_logp, fin_scores)  # [B]
-        alive_logp = jnp.where(done[:, None], -jnp.inf, alive_logp)  # [B, K]
+        alive_logp = jnp.where(done[:, None], -jnp.inf, alive_logp)  # [B, W]
 
-        last = jnp.where(step == 0, bos_id, _column(alive_seqs, step - 1))  # [B, K]
-        logits, cache = tokens_to_logits(last.reshape(B * K), cache, step)  # [B*K, V]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, K, V)
-        cand = alive_logp[:, :, None] + logp  # [B, K, V]: log P of every extension
+        last = jnp.where(step == 0, bos_id, _column(alive_seqs, step - 1))  # [B, W]
+        logits, cache = tokens_to_logits(last.reshape(B * W), cache, step)  # [B*W, V]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, W, V)
+        cand = alive_logp[:, :, None] + logp  # [B, W, V]: log P of every extension
         ends = (jnp.arange(V) == eos_id)[None, None, :] | (step + 1 >= lengths)[:, None, None]
 
-        # Alive: the K best extensions that do not end here.
-        new_alive_logp, flat = lax.top_k(jnp.where(ends, -jnp.inf, cand).reshape(B, K * V), K)
-        new_alive_seqs, beam = extend(alive_seqs, flat, step)  # [B, K, T], [B, K]
-        rows = (jnp.arange(B)[:, None] * K + beam).reshape(B * K)  # [B*K]
+        # Alive: the W best extensions that do not end here.
+        new_alive_logp, flat = lax.top_k(jnp.where(ends, -jnp.inf, cand).reshape(B, W * V), W)
+        new_alive_seqs, beam = extend(alive_seqs, flat, step)  # [B, W, T], [B, W]
+        rows = (jnp.arange(B)[:, None] * W + beam).reshape(B * W)  # [B*W]
         cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
 
-        # Finished: the K best of the old finished and the extensions that end here. The old
+        # Finished: the W best of the old finished and the extensions that end here. The old
         # ones come first, so they win ties (lax.top_k keeps the lower index).
-        ended = jnp.where(ends, cand / length_penalty(step + 1, alpha), -jnp.inf)  # [B, K, V]
-        new_scores, flat = lax.top_k(ended.reshape(B, K * V), K)  # [B, K]
-        new_seqs, _ = extend(alive_seqs, flat, step)  # [B, K, T]
-        fin_scores, keep = lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), K)
-        both = jnp.concatenate([fin_seqs, new_seqs], axis=1)  # [B, 2K, T]
-        fin_seqs = jnp.take_along_axis(both, keep[:, :, None], axis=1)  # [B, K, T]
+        ended = jnp.where(ends, cand / length_penalty(step + 1, alpha), -jnp.inf)  # [B, W, V]
+        new_scores, flat = lax.top_k(ended.reshape(B, W * V), W)  # [B, W]
+        new_seqs, _ = extend(alive_seqs, flat, step)  # [B, W, T]
+        fin_scores, keep = lax.top_k(jnp.concatenate([fin_scores, new_scores], axis=1), W)
+        both = jnp.concatenate([fin_seqs, new_seqs], axis=1)  # [B, 2W, T]
+        fin_seqs = jnp.take_along_axis(both, keep[:, :, None], axis=1)  # [B, W, T]
         return step + 1, new_alive_seqs, new_alive_logp, fin_seqs, fin_scores, cache
 
-    pads = jnp.full((B, K, T), pad_id, jnp.int32)
-    # Only beam 0 is live at the start: the K copies of a row would otherwise fill the beam
-    # with K identical hypotheses.
-    alive_logp = jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
-    fin_scores = jnp.full((B, K), -jnp.inf, jnp.float32)
+    pads = jnp.full((B, W, T), pad_id, jnp.int32)
+    # Only beam 0 is live at the start: the W copies of a row would otherwise fill the beam
+    # with W identical hypotheses.
+    alive_logp = jnp.full((B, W), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
+    fin_scores = jnp.full((B, W), -jnp.inf, jnp.float32)
     start = (jnp.int32(0), pads, alive_logp, pads, fin_scores, cache)
     # Empty finished slots stay all pad: top_k puts the old -inf slots before new ones.
     _, _, _, fin_seqs, fin_scores, _ = lax.while_loop(more, body, start)
@@ -157,23 +158,18 @@ def greedy_search(
     batch_size: int,
     max_length: int,
     lengths=None,
-    eos_id: int = 1,
-    pad_id: int = 0,
-    bos_id: int = 0,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
+    bos_id: int = PAD_ID,
 ) -> jax.Array:
     """Argmax at every step: ids int32 ``[B, T]`` with each row's EOS kept and ``pad_id``
     after it (or from ``lengths[b]`` on, see :func:`beam_search`). Stops early once every
     row has ended."""
     name = "greedy_search"
-    B = _positive_int(name, "batch_size", batch_size)
-    T = _positive_int(name, "max_length", max_length)
-    eos_id, pad_id, bos_id = (
-        _token_id(name, nm, v)
-        for nm, v in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
-    )
+    B, T = _check_sizes(name, batch_size, max_length)
+    eos_id, pad_id, bos_id = _check_ids(name, eos_id, pad_id, bos_id)
     lengths = _row_lengths(name, lengths, B, T)  # [B]
-    _check_cache(name, init_cache, B)
-    cache = jax.tree.map(jnp.asarray, init_cache)
+    cache = _check_cache(name, init_cache, B)
     _check_step_fn(name, tokens_to_logits, cache, B, eos_id)
 
     def body(state):
@@ -201,9 +197,9 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int = 1,
-    pad_id: int = 0,
-    bos_id: int = 0,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
+    bos_id: int = PAD_ID,
 ) -> jax.Array:
     """Ancestral sampling for decoder-only LMs: ids int32 ``[B, T]``.
 
@@ -216,7 +212,7 @@ def sample(
     it; the loop stops early once every row has ended.
 
     Args:
-      tokens_to_logits: the step function (module docstring); N = B.
+      tokens_to_logits: the step function (module docstring); R = B.
       init_cache: pytree with leaves ``[B, ...]``.
       rng: a PRNG key; step t draws with ``fold_in(rng, t)``, so a fixed key reproduces.
       batch_size: B.
@@ -229,15 +225,11 @@ def sample(
       eos_id, pad_id, bos_id: as in :func:`beam_search`.
     """
     name = "sample"
-    B = _positive_int(name, "batch_size", batch_size)
-    T = _positive_int(name, "max_length", max_length)
+    B, T = _check_sizes(name, batch_size, max_length)
     top_k = _nonnegative_int(name, "top_k", top_k)
     temperature = _nonnegative_real(name, "temperature", temperature)
     top_p = _real_in(name, "top_p", top_p, "0 < top_p <= 1", lambda p: 0.0 < p <= 1.0)
-    eos_id, pad_id, bos_id = (
-        _token_id(name, nm, v)
-        for nm, v in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
-    )
+    eos_id, pad_id, bos_id = _check_ids(name, eos_id, pad_id, bos_id)
     seqs = jnp.full((B, T), pad_id, jnp.int32)
     prompt_len = jnp.zeros((B,), jnp.int32)
     if prompt is not None:
@@ -261,8 +253,7 @@ def sample(
             jnp.concatenate([prompt != pad_id, jnp.zeros((B, 1), bool)], axis=1), axis=1
         ).astype(jnp.int32)  # [B]
         seqs = seqs.at[:, : prompt.shape[1]].set(prompt.astype(jnp.int32))
-    _check_cache(name, init_cache, B)
-    cache = jax.tree.map(jnp.asarray, init_cache)
+    cache = _check_cache(name, init_cache, B)
     V = _check_step_fn(name, tokens_to_logits, cache, B, eos_id)
 
     def body(state):
@@ -339,8 +330,15 @@ def _nonnegative_int(fn, name, value) -> int:
     return int(value)
 
 
-def _token_id(fn, name, value) -> int:
-    return _nonnegative_int(fn, name, value)
+def _check_sizes(fn, batch_size, max_length) -> tuple[int, int]:
+    """-> (B, T), both positive ints."""
+    return _positive_int(fn, "batch_size", batch_size), _positive_int(fn, "max_length", max_length)
+
+
+def _check_ids(fn, eos_id, pad_id, bos_id) -> tuple[int, int, int]:
+    """-> (eos_id, pad_id, bos_id), each an int >= 0 (``eos_id < V`` is `_check_step_fn`'s)."""
+    ids = (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id))
+    return tuple(_nonnegative_int(fn, name, value) for name, value in ids)
 
 
 def _real_in(fn, name, value, rule, ok):
@@ -376,6 +374,7 @@ def _row_lengths(fn, lengths, B, T):
 
 
 def _check_cache(fn, cache, B):
+    """-> the cache as JAX arrays, once every leaf is checked to lead with B."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
         shape = jnp.shape(leaf)
         if not shape or shape[0] != B:
@@ -383,14 +382,15 @@ def _check_cache(fn, cache, B):
                 f"{fn}: every cache leaf must lead with B = batch_size = {B}, got shape "
                 f"{shape} at {jax.tree_util.keystr(path)}"
             )
+    return jax.tree.map(jnp.asarray, cache)
 
 
-def _check_step_fn(fn, tokens_to_logits, cache, N, eos_id) -> int:
-    """Traces one step abstractly; checks ``(logits [N, V], cache like the input)``; -> V."""
+def _check_step_fn(fn, tokens_to_logits, cache, R, eos_id) -> int:
+    """Traces one step abstractly; checks ``(logits [R, V], cache like the input)``; -> V."""
     if not callable(tokens_to_logits):
         raise ValueError(f"{fn}: tokens_to_logits must be callable, got {tokens_to_logits!r}")
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
-    tokens = jax.ShapeDtypeStruct((N,), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((R,), jnp.int32)
     out = jax.eval_shape(tokens_to_logits, tokens, spec, jax.ShapeDtypeStruct((), jnp.int32))
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"{fn}: tokens_to_logits must return (logits, cache), got {out}")
@@ -398,11 +398,11 @@ def _check_step_fn(fn, tokens_to_logits, cache, N, eos_id) -> int:
     if (
         not hasattr(logits, "shape")
         or len(logits.shape) != 2
-        or logits.shape[0] != N
+        or logits.shape[0] != R
         or not jnp.issubdtype(logits.dtype, jnp.floating)
     ):
         raise ValueError(
-            f"{fn}: expected float logits [N = {N}, V] from tokens_to_logits, got {logits}"
+            f"{fn}: expected float logits [R = {R}, V] from tokens_to_logits, got {logits}"
         )
 
     def shapes(tree):

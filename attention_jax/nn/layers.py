@@ -1,7 +1,8 @@
 """Flax Linen layers of the Transformer.
 
 Modules own parameters (each with logical axis names for sharding: ``vocab, embed, heads,
-kv, mlp, position``) and call the pure functions of attention_jax for the computation.
+kv, mlp, position``; see sharding.py) and call the pure functions of `attention_jax.core`
+for the computation.
 """
 
 from __future__ import annotations
@@ -132,14 +133,14 @@ class MultiHeadAttention(nn.Module):
 
     def _create_cache(self, params, x, kv):
         cfg = self.config
-        B, L = x.shape[:2]  # L: the longest decode
+        B, S = x.shape[:2]  # S: the longest decode, the cache's key length
         if self.cross:  # the encoder's keys and values, projected once
             for name in ("key", "value"):
                 self.variable(
                     "cache", f"cached_{name}", project_heads, params[name], kv, dtype=cfg.dtype
                 )
             return
-        shape = (B, L, cfg.num_heads, cfg.head_dim)  # [B, L, N, H]
+        shape = (B, S, cfg.num_heads, cfg.head_dim)  # [B, S, N, H]
         self.variable("cache", "cached_key", jnp.zeros, shape, cfg.dtype)
         self.variable("cache", "cached_value", jnp.zeros, shape, cfg.dtype)
         # One index per row (all equal), so every cache leaf leads with B and beam search
@@ -162,8 +163,8 @@ class MultiHeadAttention(nn.Module):
             key.value = jax.lax.dynamic_update_slice(key.value, k, (0, t, 0, 0))
             value.value = jax.lax.dynamic_update_slice(value.value, v, (0, t, 0, 0))
             index.value = index.value + 1
-            L = key.value.shape[1]
-            mask = (jnp.arange(L) <= t)[None, None, None, :]  # [1, 1, 1, L]: the past only
+            S = key.value.shape[1]
+            mask = (jnp.arange(S) <= t)[None, None, None, :]  # [1, 1, 1, S]: the past only
         heads = dot_product_attention(
             q, key.value, value.value, mask=mask, dtype=cfg.dtype, implementation="xla"
         )  # [B, 1, N, H]

@@ -24,7 +24,11 @@ from attention_jax.nn.layers import DecoderLayer, Embedder, EncoderLayer, layer_
 
 
 def shift_right(tokens, bos_id: int = 0):
-    """Teacher forcing: ``[t0, t1, ..., t_{T-1}] -> [bos, t0, ..., t_{T-2}]`` (last axis)."""
+    """Teacher forcing: ``[t0, t1, ..., t_{T-1}] -> [bos, t0, ..., t_{T-2}]`` (last axis).
+
+    The default start token 0 is the pad id (`TransformerConfig.pad_id`'s default, and
+    ``attention_jax.data.tokenizer.PAD_ID``, which nn may not import; tests/test_tokenizer.py
+    checks that they agree); the models pass ``config.pad_id``."""
     tokens = jnp.asarray(tokens)
     pad = [(0, 0)] * (tokens.ndim - 1) + [(1, 0)]
     return jnp.pad(tokens, pad, constant_values=bos_id)[..., :-1]
