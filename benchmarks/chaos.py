@@ -343,6 +343,8 @@ def metrics_rows(workdir: str) -> list[dict]:
 def compare(reference: str, workdir: str, step: int) -> dict:
     """Whether `workdir` ended as `reference` did: the train state at `step` bit for bit,
     metrics.jsonl row for row, the same checkpoints, no temporary files anywhere."""
+    # Imported here: the harness itself only starts and kills training processes; JAX is
+    # loaded (seconds) only when their results are compared.
     import jax
     import numpy as np
 
@@ -411,7 +413,6 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=sorted(TASKS), default="reversal")
     parser.add_argument("--dir", default="", help="where the workdirs go (default: a temp dir)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, ROOT)
     base = args.dir or tempfile.mkdtemp(prefix="aj_chaos_")
     os.makedirs(base, exist_ok=True)
     env = child_env(os.path.join(base, "jax_cache"))

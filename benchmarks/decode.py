@@ -23,16 +23,14 @@ import functools
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from attention_jax import Transformer, TransformerConfig
+from attention_jax.data.tokenizer import EOS_ID
 from attention_jax.decode import decoding, search
 from attention_jax.nn.model import shift_right
 
@@ -61,7 +59,7 @@ def beam_without_eos(model, params, inputs, *, length, beam_size=4):
 
     def no_eos(tokens, cache, t):
         logits, cache = step(tokens, cache, t)
-        return logits.at[:, 1].set(-jnp.inf), cache
+        return logits.at[:, EOS_ID].set(-jnp.inf), cache
 
     seqs, _ = search.beam_search(
         no_eos, cache, batch_size=inputs.shape[0], beam_size=beam_size, max_length=length
@@ -119,7 +117,7 @@ def main():
             if name not in args.runs.split(","):
                 continue
             out = np.asarray(fn())
-            produced = int(np.sum(np.cumsum(out == 1, axis=1) == 0))  # tokens before any EOS
+            produced = int(np.sum(np.cumsum(out == EOS_ID, axis=1) == 0))  # before any EOS
             seconds = median_seconds(fn, args.repeats)
             rate[name] = produced / seconds
             if produced < out.size * 0.9:

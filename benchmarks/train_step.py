@@ -21,16 +21,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from attention_jax import Transformer, TransformerConfig
+from attention_jax.data.tokenizer import EOS_ID, PAD_ID
 from attention_jax.nn import sharding
 from attention_jax.train import flops
 from attention_jax.train import step as training
@@ -39,10 +37,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def random_batch(rng, batch: int, length: int, vocab: int) -> dict:
-    """Full-length random sentences (no padding), targets ending in EOS = 1."""
-    inputs = rng.integers(2, vocab, size=(batch, length), dtype=np.int32)
-    targets = rng.integers(2, vocab, size=(batch, length), dtype=np.int32)
-    targets[:, -1] = 1
+    """Full-length random sentences (no padding, no EOS inside), targets ending in EOS."""
+    first = max(PAD_ID, EOS_ID) + 1  # ordinary pieces only
+    inputs = rng.integers(first, vocab, size=(batch, length), dtype=np.int32)
+    targets = rng.integers(first, vocab, size=(batch, length), dtype=np.int32)
+    targets[:, -1] = EOS_ID
     return {"inputs": inputs, "targets": targets}
 
 

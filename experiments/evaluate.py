@@ -5,15 +5,12 @@ python experiments/evaluate.py --workdir=... --split=validation --average_last=5
 python experiments/evaluate.py --workdir=... --source=newstest.en --reference=newstest.de
 """
 
-import os
 import signal
-import sys
 
 # Ctrl-C while JAX is imported ends the process quietly; from run() on it is one line.
 # (An ignored SIGINT, as in a script's background job, stays ignored.)
 if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attention_jax.cli.evaluate import run
 

@@ -3,14 +3,7 @@
 python experiments/train.py --config=experiments/configs/default.py --workdir=/tmp/aj
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from attention_jax.cli.train import main, parse_flags, run
-
-__all__ = ["main", "parse_flags"]
+from attention_jax.cli.train import run
 
 if __name__ == "__main__":
     run()

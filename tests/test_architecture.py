@@ -185,3 +185,49 @@ def _closure(start: str) -> set[str]:
 def test_data_never_reaches_the_model(module):
     reached = sorted(m for m in _closure(module) if _layer(m) not in ("data", "workdir"))
     assert not reached, f"{module} reaches {reached}"
+
+
+# `import attention_jax as aj` before the layers were made (issue 15); names may be added,
+# never removed.
+PUBLIC_BEFORE_LAYERS = (
+    "IMPLEMENTATIONS", "Transformer", "TransformerConfig", "TransformerLM",
+    "apply_rotary_embedding", "causal_mask", "combine_masks", "dot_product_attention",
+    "init_multi_head_attention", "multi_head_attention", "padding_mask",
+    "scaled_dot_product_attention", "segment_mask", "shift_right",
+    "sinusoidal_positional_encoding",
+)  # fmt: skip
+
+
+def test_the_public_api_keeps_every_name():
+    import attention_jax as aj
+
+    assert set(PUBLIC_BEFORE_LAYERS) | {"attention_weights"} <= set(aj.__all__)
+    for name in aj.__all__:
+        assert getattr(aj, name) is not None, name
+
+
+def test_readme_layout_names_every_module_where_it_is():
+    """README's Layout lists each subpackage's files; it must match the tree."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Layout") :]
+    block = block[block.index("```\n") + 4 :]
+    block = block[: block.index("```")]
+    listed, package = {}, None
+    for line in block.splitlines():
+        if m := re.match(r"^  (\w+)/ ", line):
+            package = m.group(1)
+        elif not line.startswith("   "):
+            package = None
+        if package:
+            listed.setdefault(package, set()).update(re.findall(r"(\w+)\.py", line))
+    assert set(listed) >= {"core", "nn", "data", "workdir", "decode", "train", "cli"}
+    for package, names in listed.items():
+        if package == "configs":  # listed by config name
+            continue
+        present = {p.stem for p in (PACKAGE / package).glob("*.py") if not p.stem.startswith("_")}
+        present |= {"__init__"} & names
+        assert names == present, (
+            f"README Layout, {package}/: lists {sorted(names)}, has {sorted(present)}"
+        )

@@ -35,7 +35,7 @@ from attention_jax.cli import errors
 from attention_jax.data import tasks, toy_translation
 from attention_jax.data.tokenizer import Tokenizer
 from attention_jax.decode import decoding
-from attention_jax.decode.translator import save_config
+from attention_jax.workdir import save_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"

@@ -21,7 +21,8 @@ import pytest
 from test_translate_cli import _snapshot, _truncate_arrays, trained_workdir
 
 from attention_jax.data.tasks import load_eval_pairs
-from attention_jax.decode.translator import eval_pairs, load_config
+from attention_jax.decode.translator import eval_pairs
+from attention_jax.workdir import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LINES = 2000

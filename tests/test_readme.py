@@ -725,7 +725,7 @@ PYTHON_BLOCKS: dict[str, tuple[str, Callable[[str], None]]] = {
 
 # marker -> why the block is not code.
 TEXT: dict[str, str] = {
-    "attention_jax/   attention.py": "the Layout section: a directory listing",
+    "core/      pure JAX, no Flax": "the Layout section: a directory listing",
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 from attention_jax import Transformer
 from attention_jax.train import loop as train_loop
 from attention_jax.workdir.checkpoint import Checkpointer, average_checkpoints
+from attention_jax.workdir.experiment import model_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -161,7 +162,7 @@ def test_wmt14_configs_are_the_papers(name, params_m, dropout):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    cfg = train_loop.model_config(config)
+    cfg = model_config(config)
     assert (cfg.vocab_size, cfg.num_layers, cfg.dropout_rate) == (37000, 6, dropout)
     assert (config.warmup_steps, config.lr_factor, config.label_smoothing) == (4000, 1.0, 0.1)
     assert config.data.tokens_per_batch == 25000

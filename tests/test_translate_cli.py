@@ -19,8 +19,9 @@ from test_translation_run import _config
 from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.data.tokenizer import Tokenizer
 from attention_jax.decode import decoding, metrics
-from attention_jax.decode.translator import Translator, load_config
+from attention_jax.decode.translator import Translator
 from attention_jax.train import loop as train_loop
+from attention_jax.workdir import load_config
 from attention_jax.workdir.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -256,10 +257,10 @@ def test_a_checkpoint_deleted_while_read_is_said_so(workdir, tmp_path, monkeypat
     shutil.copytree(workdir, copy)
     real = Checkpointer.restore_on_one_device
 
-    def deleted_meanwhile(self, step, device=None):
+    def deleted_meanwhile(self, step):
         if step == 300:
             shutil.rmtree(os.path.join(self.directory, "300"))
-        return real(self, step, device)
+        return real(self, step)
 
     monkeypatch.setattr(Checkpointer, "restore_on_one_device", deleted_meanwhile)
     said = []

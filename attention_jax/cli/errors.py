@@ -13,9 +13,12 @@ on stderr. The traceback is still there for whoever needs it: ``--verbosity=1`` 
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -141,9 +144,6 @@ def redeliver_swallowed_interrupts() -> None:
     a traceback, and be lost: the command would go on. This hook delivers it again to the
     main thread (as if Ctrl-C were pressed once more), where :func:`guarded` reports it in
     one line. Other unraisable exceptions are reported as Python does."""
-    import _thread
-    import time
-
     default = sys.unraisablehook
     if getattr(default, "redelivers_interrupts", False):
         return  # installed already: a second hook would deliver each interrupt twice
@@ -169,8 +169,6 @@ def run_reader(
     honoured even where a caller installed no handler, `module`'s flags are listed by
     ``--help``, and an interrupted run leaves without interpreter teardown, where work cut
     short in background threads (Orbax's restore) would print tracebacks."""
-    import signal
-
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # an ignored one stays ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
     for flag in flags.FLAGS.get_flags_for_module(module):  # --help lists the main module's

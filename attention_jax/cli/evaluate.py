@@ -56,6 +56,8 @@ def main(argv):
     if (FLAGS.source is None) != (FLAGS.reference is None):
         raise app.UsageError("give both --source and --reference, or neither")
     logging.set_verbosity(logging.WARNING)
+    # The library (JAX) is imported only now: --help and flag errors answer without it, and
+    # Ctrl-C while it loads is already handled (errors.run_reader).
     from attention_jax.workdir.checkpoint import quiet_abandoned_reads
 
     quiet_abandoned_reads()  # a damaged checkpoint is said in one line, not in screens
@@ -65,9 +67,9 @@ def main(argv):
         TooLong,
         Translator,
         eval_pairs,
-        load_config,
         read_lines,
     )
+    from attention_jax.workdir import load_config
 
     hypotheses_out = Output(FLAGS.hypotheses, "--hypotheses") if FLAGS.hypotheses else None
     if FLAGS.source:

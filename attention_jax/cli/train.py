@@ -8,6 +8,9 @@
 Any failure is one line on stderr and exit status 1 (``--verbosity=1`` or
 ATTENTION_JAX_TRACEBACK=1 shows the traceback); SIGTERM / Ctrl-C save a checkpoint and exit
 143 / 130. ``experiments/train.py`` runs this module.
+
+JAX and the library are imported inside the functions that use them, not here: ``--help``,
+``--list_configs`` and a mistyped flag answer without loading them.
 """
 
 from __future__ import annotations
@@ -161,13 +164,14 @@ def list_configs() -> str:
 
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
-    """The config as a run in `workdir` would use it (train_loop.resolve_config: the
+    """The config as a run in `workdir` would use it (train.loop.resolve_config: the
     vocabulary's size, the absolute data dir), then the model's TransformerConfig. Reads
     files, writes nothing."""
     import jax.numpy as jnp
 
     from attention_jax.data.sources import DatasetNotPreparedError
-    from attention_jax.train.loop import model_config, resolve_config
+    from attention_jax.train.loop import resolve_config
+    from attention_jax.workdir.experiment import model_config
 
     note = ""
     try:
@@ -213,24 +217,20 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
 
-    from attention_jax.nn.config import check_experiment_config
-    from attention_jax.nn.sharding import initialize_distributed, make_mesh
-    from attention_jax.train.loop import model_config, train_and_evaluate
+    from attention_jax.nn.sharding import initialize_distributed
+    from attention_jax.train import loop as train_loop
+    from attention_jax.workdir.experiment import check_experiment
 
-    # Checked before the workdir is created or anything is trained.
-    model_config(FLAGS.config)
-    check_experiment_config(FLAGS.config)
+    # Checked before a multi-host run is joined; the mesh, which needs the devices, is
+    # checked by train_and_evaluate (and a dry run may describe another machine's).
+    check_experiment(FLAGS.config, devices=False)
     if FLAGS.dry_run:
         print(dry_run(FLAGS.config, FLAGS.workdir))
         return
     if FLAGS.distributed or FLAGS.coordinator_address:
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
-        make_mesh(**FLAGS.config.mesh)  # needs the devices: after joining a multi-host run
-    except ValueError as e:
-        raise ValueError(f"config.mesh: {e}") from e
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # checks it all again
     except Exception as e:
         if _operational(e):
             raise TrainingStopped(_one_line(str(e))) from e

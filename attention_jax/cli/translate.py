@@ -56,6 +56,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    # The library (JAX) is imported only now: --help and flag errors answer without it, and
+    # Ctrl-C while it loads is already handled (errors.run_reader).
     from attention_jax.workdir.checkpoint import quiet_abandoned_reads
 
     quiet_abandoned_reads()  # a damaged checkpoint is said in one line, not in screens

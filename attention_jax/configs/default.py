@@ -11,8 +11,8 @@ is trained on its training split into the workdir on the first run.
 
 import ml_collections
 
-from attention_jax.nn.config import model_config_dict
 from attention_jax.nn.sharding import DEFAULT_RULES
+from attention_jax.workdir.experiment import model_config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,8 +10,8 @@ checkpoints every 10 minutes, the last 5 averaged, beam 4 with length penalty 0.
 
 import ml_collections
 
-from attention_jax.nn.config import model_config_dict
 from attention_jax.nn.sharding import DEFAULT_RULES
+from attention_jax.workdir.experiment import model_config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
             vocab_sentences=2_000_000,  # sentences sampled to train the vocabulary
             reader_threads=0,  # tokenizing threads: slower than none (the GIL; measured)
             prefetch=2,  # batches prepared ahead
-            # Worker processes per host: one process packs ~98k tokens/s, a third of what
-            # the base step eats on an H200; 8 workers give 2.1x (benchmarks/input_pipeline.py).
+            # Worker processes per host: at the paper's batch one process cannot feed the
+            # base step on a GPU, 8 can (measured: BUILD_NOTES.md, benchmarks/input_pipeline.py).
             workers=8,
         )
     )

@@ -11,19 +11,22 @@ splits and (for translation) the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import re
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from attention_jax.data import pipeline
+from attention_jax.data import pipeline, toy_translation
 from attention_jax.data.synthetic import reversal_batch
+from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
 from attention_jax.workdir import VOCAB_FILE
 
 BUILTIN = "toy_translation"
 SPLITS = ("train", "validation", "test")
-__all__ = ["VOCAB_FILE"]  # re-exported: inference.py and older code import it from here
 
 
 def data_dir(config) -> str:
@@ -33,9 +36,6 @@ def data_dir(config) -> str:
     environment says."""
     given = config.data.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
     return os.path.abspath(os.path.expanduser(given or "~/tensorflow_datasets"))
-
-
-_data_dir = data_dir  # the old private name
 
 
 def check_dataset(config) -> None:
@@ -54,7 +54,7 @@ def available_splits(config) -> tuple[str, ...]:
     name = config.data.dataset
     if name == "reversal" or name == BUILTIN:
         return SPLITS
-    from attention_jax.data import sources
+    from attention_jax.data import sources  # imports TFDS: only for datasets on disk
 
     return sources.split_names(name, data_dir(config))
 
@@ -116,8 +116,6 @@ def _load_source(config, split: str):
     data = config.data
     name = data.dataset
     if name == BUILTIN:
-        from attention_jax.data import toy_translation
-
         pairs = toy_translation.load_split(
             split, seed=data.get("corpus_seed", 0), sizes=tuple(data.corpus_sizes)
         )
@@ -127,9 +125,9 @@ def _load_source(config, split: str):
     if name.startswith("wmt"):
         keys = sources.wmt14_keys(data.get("direction", "en-de"))
         return sources.load_source(
-            name, split, data_dir=_data_dir(config), source_key=keys[0], target_key=keys[1]
+            name, split, data_dir=data_dir(config), source_key=keys[0], target_key=keys[1]
         )
-    return sources.load_source(name, split, data_dir=_data_dir(config))
+    return sources.load_source(name, split, data_dir=data_dir(config))
 
 
 class TranslationTask:
@@ -230,9 +228,6 @@ def load_eval_pairs(config, split: str) -> tuple[list[str], list[str]]:
 def prepared_vocabularies(config) -> dict[int, str]:
     """{size: path} of the vocabularies prepare_data.py stored for the config's dataset
     (``<data_dir>/<dataset>/spm_bpe_<size>.model``)."""
-    import glob
-    import re
-
     folder = os.path.join(data_dir(config), *config.data.dataset.split("/"))
     found = {}
     for path in glob.glob(os.path.join(glob.escape(folder), "spm_bpe_*.model")):
@@ -250,8 +245,6 @@ def resolve_vocab_size(config, workdir: str | None) -> tuple[int, str | None]:
     prepare_data.py stored for the dataset (for the built-in corpus: only one of the config's
     size). ``config.model.vocab_size`` chooses among several prepared sizes, and is the size
     of the vocabulary trained when there is none. `workdir` None: a new workdir."""
-    from attention_jax.data.tokenizer import Tokenizer
-
     size = config.model.vocab_size
     if config.data.dataset == "reversal":
         return size, None
@@ -282,8 +275,6 @@ def load_or_train_vocabulary(config, workdir: str, train_source):
     """The workdir's vocabulary (``<workdir>/vocab.model``), created on the first run: copied
     from ``config.data.vocab_path`` or from the one prepare_data.py stored for the dataset,
     else trained on the training split. Resuming and evaluation reuse the workdir's copy."""
-    from attention_jax.data.tokenizer import Tokenizer
-
     path = os.path.join(workdir, VOCAB_FILE)
     size = config.model.vocab_size
     refused = None  # raised after the sync below, so that no other process waits forever
@@ -309,11 +300,9 @@ def load_or_train_vocabulary(config, workdir: str, train_source):
 def _make_vocabulary(config, path: str, train_source) -> None:
     """Writes the workdir's vocabulary: ``config.data.vocab_path``, else the one
     prepare_data.py stored, else one trained on the training split."""
-    from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
-
     size = config.model.vocab_size
     given = config.data.get("vocab_path") or ""
-    prepared = default_vocab_path(_data_dir(config), config.data.dataset, size)
+    prepared = default_vocab_path(data_dir(config), config.data.dataset, size)
     if given or os.path.exists(prepared):
         source = given or prepared
         tokenizer = Tokenizer.load(source)
@@ -335,8 +324,6 @@ def _make_vocabulary(config, path: str, train_source) -> None:
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

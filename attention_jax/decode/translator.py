@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import select
@@ -27,50 +26,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from attention_jax.data.tasks import VOCAB_FILE
+from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.data.tokenizer import EOS_ID, Tokenizer
 from attention_jax.decode import decoding
 from attention_jax.nn.config import TransformerConfig
 from attention_jax.nn.model import Transformer
+from attention_jax.workdir import checkpoints_dir, config_path, load_config, vocab_path
 from attention_jax.workdir.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
-    _check_same_tree,
     average_checkpoints,
+    check_same_tree,
 )
-
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"  # the folder checkpoint.Checkpointer keeps in a workdir
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the experiment config as JSON next to the checkpoints (atomically)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: is {workdir!r} the --workdir of a training run?"
-        )
-    with open(path, encoding="utf-8") as f:
-        try:
-            fields = json.load(f)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ValueError(f"{path} is not a valid config JSON file ({e})") from None
-    missing = [k for k in ("model", "data") if not isinstance(fields, dict) or k not in fields]
-    if missing:
-        raise ValueError(
-            f"{path} is not the config.json of a training run: it has no {missing} section "
-            f"(found {sorted(fields) if isinstance(fields, dict) else type(fields).__name__})"
-        )
-    return ml_collections.ConfigDict(fields)
-
+from attention_jax.workdir.experiment import model_config, model_signature
 
 # ---- Text lines. -----------------------------------------------------------------------
 #
@@ -348,8 +316,6 @@ def eval_pairs(
     """The sources (one line each) and references of `split` of a workdir's dataset, read
     from `data_dir`, else the data dir the training run recorded in config.json
     (``config.data.data_dir``), else ``$TFDS_DATA_DIR`` / ~/tensorflow_datasets."""
-    from attention_jax.data.tasks import load_eval_pairs
-
     if data_dir:
         config = ml_collections.ConfigDict(config.to_dict())
         config.data.data_dir = data_dir
@@ -397,11 +363,8 @@ class TooLong:
 def _check_checkpoint(workdir: str, config, cfg: TransformerConfig, tokenizer: Tokenizer):
     """``check_meta(step, meta)`` for `Checkpointer.intact`: refuses a checkpoint whose model
     signature or vocabulary differs from what config.json and vocab.model describe."""
-    from attention_jax.train.loop import _model_signature
-
-    ours = json.loads(json.dumps(_model_signature(cfg)))  # as the JSON metadata holds it
-    vocab = os.path.join(workdir, VOCAB_FILE)
-    config_path = os.path.join(workdir, CONFIG_FILE)
+    ours = model_signature(cfg)
+    vocab, config_json = vocab_path(workdir), config_path(workdir)
 
     def check(step: int, meta: dict) -> None:
         theirs = meta.get("model")
@@ -415,7 +378,7 @@ def _check_checkpoint(workdir: str, config, cfg: TransformerConfig, tokenizer: T
                     for k in differ
                 )
                 raise IncompatibleCheckpointError(
-                    f"{config_path} does not describe the model of the checkpoint of step "
+                    f"{config_json} does not describe the model of the checkpoint of step "
                     f"{step} ({shown}); restore the config.json that training wrote"
                 )
         if meta.get("vocab_fingerprint") != tokenizer.fingerprint:
@@ -453,23 +416,21 @@ class Translator:
         Nothing in the workdir is written. A damaged checkpoint is skipped for the next
         older one, said in one line through `log`. config.json and vocab.model are checked
         against the checkpoints' stored model signature and vocabulary fingerprint."""
-        from attention_jax.train.loop import model_config  # the config -> model mapping
-
         config = load_config(workdir)
         try:
             cfg: TransformerConfig = model_config(config)
         except (TypeError, ValueError) as e:  # unknown fields, a list where a number belongs
-            raise ValueError(f"{os.path.join(workdir, CONFIG_FILE)}: {e}") from None
-        vocab = os.path.join(workdir, VOCAB_FILE)
+            raise ValueError(f"{config_path(workdir)}: {e}") from None
+        vocab = vocab_path(workdir)
         if not os.path.exists(vocab):
             raise FileNotFoundError(f"{vocab} does not exist: this workdir has no vocabulary")
         tokenizer = Tokenizer.load(vocab)
         if tokenizer.vocab_size != cfg.vocab_size:
             raise ValueError(
                 f"{vocab} has {tokenizer.vocab_size} pieces but the model in "
-                f"{os.path.join(workdir, CONFIG_FILE)} has vocab_size={cfg.vocab_size}"
+                f"{config_path(workdir)} has vocab_size={cfg.vocab_size}"
             )
-        directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        directory = checkpoints_dir(os.path.abspath(workdir))
         ckpt = None
         if os.path.isdir(directory):  # Checkpointer would create it: nothing is written here
             ckpt = Checkpointer(workdir, create=False, log=log)
@@ -574,10 +535,10 @@ def _check_params(workdir: str, steps: list[int], cfg: TransformerConfig, params
         lambda: nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens, tokens)["params"])
     )
     try:
-        _check_same_tree(steps[-1], params, abstract)
+        check_same_tree(steps[-1], params, abstract)
     except IncompatibleCheckpointError as e:
         detail = str(e).split("\n")[1:-1]
         raise IncompatibleCheckpointError(
-            f"{os.path.join(workdir, CONFIG_FILE)} does not describe the model of the "
+            f"{config_path(workdir)} does not describe the model of the "
             f"checkpoint of step {steps[-1]}: " + "; ".join(d.strip() for d in detail)
         ) from None

@@ -45,79 +45,14 @@ class TransformerConfig:
     attention_implementation: str | None = None  # see attention_jax.dot_product_attention
 
     def __post_init__(self):
-        def positive_int(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
-
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
-            positive_int(name)
-        for name in ("target_vocab_size", "num_decoder_layers"):
-            if getattr(self, name) is not None:
-                positive_int(name)
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"TransformerConfig: num_heads={self.num_heads} must divide "
-                f"d_model={self.d_model} (head dim = d_model / num_heads)"
-            )
-        if self.positional in ("sinusoidal", "rotary") and self.d_model % 2:
-            raise ValueError(f"TransformerConfig: d_model must be even, got {self.d_model}")
-        if self.positional == "rotary" and self.head_dim % 2:
-            raise ValueError(
-                f"TransformerConfig: rotary positions need an even head dim, got {self.head_dim}"
-            )
-        for name in ("share_embeddings", "pre_ln"):  # a string "False" would be truthy
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(
-                    f"TransformerConfig.{name} must be True or False, got {getattr(self, name)!r}"
-                )
-        for name in ("dropout_rate", "attention_dropout_rate"):
-            rate = getattr(self, name)
-            if not _is_real(rate) or not 0.0 <= rate < 1.0:
-                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {rate!r}")
-        eps = self.layer_norm_epsilon
-        if not _is_real(eps) or not eps > 0:
-            raise ValueError(f"TransformerConfig.layer_norm_epsilon must be > 0, got {eps!r}")
-        if self.positional not in POSITIONALS:
-            raise ValueError(
-                f"TransformerConfig.positional must be one of {POSITIONALS}, "
-                f"got {self.positional!r}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"TransformerConfig.activation must be one of {ACTIVATIONS}, "
-                f"got {self.activation!r}"
-            )
-        if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
-            raise ValueError(
-                "TransformerConfig: share_embeddings=True needs one vocabulary, got "
-                f"vocab_size={self.vocab_size}, target_vocab_size={self.target_vocab_size}"
-            )
-        if (
-            isinstance(self.pad_id, bool)
-            or not isinstance(self.pad_id, int)
-            or not 0 <= self.pad_id < self.vocab_size
-        ):
-            raise ValueError(
-                f"TransformerConfig.pad_id={self.pad_id!r} is outside [0, {self.vocab_size}) "
-                "(it must be an int token id)"
-            )
-        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
-            raise ValueError(
-                f"TransformerConfig.attention_implementation must be None or one of "
-                f"{IMPLEMENTATIONS}, got {self.attention_implementation!r}"
-            )
-        for name in ("dtype", "param_dtype"):
-            value = getattr(self, name)
-            try:
-                floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-            except TypeError:  # e.g. "bogus": "data type 'bogus' not understood"
-                floating = False
-            if not floating:
-                raise ValueError(
-                    f"TransformerConfig.{name} must be a float dtype (e.g. jnp.float32, "
-                    f"'bfloat16'), got {value!r}"
-                )
+        for names, ok, expected in _FIELD_RULES:
+            for name in names:
+                value = getattr(self, name)
+                if not ok(value):
+                    raise ValueError(f"TransformerConfig.{name} must be {expected}, got {value!r}")
+        for ok, message in _RULES:
+            if not ok(self):
+                raise ValueError(message(self))
 
     @property
     def head_dim(self) -> int:
@@ -154,106 +89,59 @@ class TransformerConfig:
         return cls(vocab_size=vocab_size, **{**preset, **overrides})
 
 
-def _is_real(value) -> bool:
+def is_int(value) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (int, float, NumPy scalar), and not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-# The experiment files' spelling of the dtype fields (config.json holds strings).
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-# TransformerConfig fields whose default is None, and the type an override of them has.
-_OPTIONAL_TYPES = {"target_vocab_size": int, "num_decoder_layers": int,
-                   "attention_implementation": str}  # fmt: skip
+def _is_float_dtype(value) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:  # e.g. "bogus": "data type 'bogus' not understood"
+        return False
 
 
-def model_config_dict(**fields):
-    """``config.model`` of an experiment file: EVERY `TransformerConfig` field, `fields` over
-    the dataclass defaults, so that each one can be set from the command line
-    (``--config.model.pre_ln=True``): ml_collections lets an override change a field, never
-    add one. Defaults of None become typed placeholders (``--config.model.num_decoder_layers
-    =3`` is parsed as an int); dtypes are names (`DTYPE_NAMES`)."""
-    import ml_collections
-    from ml_collections import config_dict
-
-    known = {f.name: f for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise ValueError(f"model fields {unknown} are not TransformerConfig fields")
-    out = {}
-    for name, field in known.items():
-        value = fields.get(name, field.default)
-        if value is dataclasses.MISSING:
-            raise ValueError(f"model_config_dict needs {name}= (it has no default)")
-        if name in ("dtype", "param_dtype") and not isinstance(value, str):
-            value = jnp.dtype(value).name
-        if value is None and name in _OPTIONAL_TYPES:
-            value = config_dict.placeholder(_OPTIONAL_TYPES[name])
-        out[name] = value
-    return ml_collections.ConfigDict(out)
+def _positive_int(value) -> bool:
+    return is_int(value) and value >= 1
 
 
-def check_experiment_config(config) -> None:
-    """Checks the run fields of an experiment config (an ``ml_collections`` file under
-    experiments/configs) that a training run would otherwise meet only mid-run or after
-    writing to its workdir: a zero interval (``step % 0``), a sequence longer than
-    ``model.max_len``. Raises a ValueError naming the field. ``config.model`` is checked by
-    `TransformerConfig` itself."""
+# Each field's own rule, checked in this order: (fields, ok(value), what it must be).
+_FIELD_RULES = (
+    (("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"), _positive_int,
+     "a positive int"),
+    (("target_vocab_size", "num_decoder_layers"), lambda v: v is None or _positive_int(v),
+     "a positive int"),
+    (("share_embeddings", "pre_ln"), lambda v: isinstance(v, bool),  # "False" is truthy
+     "True or False"),
+    (("dropout_rate", "attention_dropout_rate"), lambda v: is_real(v) and 0.0 <= v < 1.0,
+     "in [0, 1)"),
+    (("layer_norm_epsilon",), lambda v: is_real(v) and v > 0, "> 0"),
+    (("positional",), lambda v: v in POSITIONALS, f"one of {POSITIONALS}"),
+    (("activation",), lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
+    (("attention_implementation",), lambda v: v in (None, *IMPLEMENTATIONS),
+     f"None or one of {IMPLEMENTATIONS}"),
+    (("dtype", "param_dtype"), _is_float_dtype,
+     "a float dtype (e.g. jnp.float32, 'bfloat16')"),
+)  # fmt: skip
 
-    def check(name, value, ok, expected):
-        if not ok:
-            raise ValueError(f"config.{name} must be {expected}, got {value!r}")
-
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    for name in (
-        "num_train_steps", "warmup_steps", "accum_steps", "log_every", "eval_every",
-        "checkpoint_every", "keep_checkpoints",
-    ):  # fmt: skip
-        value = config.get(name)
-        check(name, value, is_int(value) and value >= 1, "a positive int")
-    value = config.get("batch_size", 0)
-    check("batch_size", value, is_int(value) and value >= 0, "an int >= 0 (0: from data)")
-    value = config.get("label_smoothing", 0.0)
-    check("label_smoothing", value, _is_real(value) and 0 <= value < 1, "in [0, 1)")
-    # Optimizer and schedule: a negative or NaN factor would train (upwards, or to NaN).
-    value = config.get("lr_factor", 1.0)
-    check("lr_factor", value, _is_real(value) and 0 < value < float("inf"), "a number > 0")
-    value = config.get("clip_norm", 0.0)
-    check("clip_norm", value, _is_real(value) and 0 <= value < float("inf"),
-          "a number >= 0 (0: no clipping)")  # fmt: skip
-    value = config.get("peak_flops_per_device", 0.0)
-    check("peak_flops_per_device", value, _is_real(value) and 0 <= value < float("inf"),
-          "a number >= 0 (0: look the device up)")  # fmt: skip
-    value = config.get("seed", 0)
-    check("seed", value, is_int(value) and value >= 0, "an int >= 0")
-    value = config.get("nonfinite", "stop")
-    check("nonfinite", value, value in ("stop", "skip"), "'stop' or 'skip'")
-    if "beam_size" in config:
-        check("beam_size", config.beam_size, is_int(config.beam_size) and config.beam_size >= 1,
-              "a positive int")  # fmt: skip
-    if "alpha" in config:
-        value = config.alpha
-        check("alpha", value, _is_real(value) and 0 <= value < float("inf"), "a number >= 0")
-    for name in ("tokens_per_batch", "eval_batch_size", "max_length"):
-        if name in config.data:
-            value = config.data[name]
-            check(f"data.{name}", value, is_int(value) and value >= 1, "a positive int")
-    if "eval_examples" in config.data:
-        value = config.data.eval_examples
-        check("data.eval_examples", value, is_int(value) and value >= 0, "an int >= 0 (0: all)")
-    data, max_len = config.data, config.model.max_len
-    if data.dataset == "reversal":  # targets are the reversed source + EOS
-        check("batch_size", config.batch_size, config.batch_size >= 1, ">= 1 for reversal")
-        check(
-            "data.max_len",
-            data.max_len,
-            data.max_len + 1 <= max_len,
-            f"<= config.model.max_len - 1 = {max_len - 1} (targets add EOS)",
-        )
-    elif "max_length" in data:
-        check(
-            "data.max_length",
-            data.max_length,
-            data.max_length <= max_len,
-            f"<= config.model.max_len = {max_len}",
-        )
+# Rules between fields, checked once every field passed its own: (ok(cfg), message(cfg)).
+_RULES = (
+    (lambda c: c.d_model % c.num_heads == 0,
+     lambda c: f"TransformerConfig: num_heads={c.num_heads} must divide d_model={c.d_model} "
+               "(head dim = d_model / num_heads)"),
+    (lambda c: c.positional not in ("sinusoidal", "rotary") or c.d_model % 2 == 0,
+     lambda c: f"TransformerConfig: d_model must be even, got {c.d_model}"),
+    (lambda c: c.positional != "rotary" or c.head_dim % 2 == 0,
+     lambda c: f"TransformerConfig: rotary positions need an even head dim, got {c.head_dim}"),
+    (lambda c: not c.share_embeddings or c.target_vocab_size in (None, c.vocab_size),
+     lambda c: "TransformerConfig: share_embeddings=True needs one vocabulary, got "
+               f"vocab_size={c.vocab_size}, target_vocab_size={c.target_vocab_size}"),
+    (lambda c: is_int(c.pad_id) and 0 <= c.pad_id < c.vocab_size,
+     lambda c: f"TransformerConfig.pad_id={c.pad_id!r} is outside [0, {c.vocab_size}) "
+               "(it must be an int token id)"),
+)  # fmt: skip

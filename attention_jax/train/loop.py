@@ -15,60 +15,48 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import json
+import importlib.util
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from attention_jax.data import tasks
 from attention_jax.decode import decoding, metrics
-from attention_jax.decode.translator import save_config
 from attention_jax.nn import sharding
-from attention_jax.nn.config import TransformerConfig, check_experiment_config
+from attention_jax.nn.config import TransformerConfig
 from attention_jax.nn.model import Transformer
 from attention_jax.train import flops
 from attention_jax.train import step as training
 from attention_jax.train.reporting import MetricsWriter, Progress
-from attention_jax.workdir import CONFIG_FILE, METRICS_FILE, WorkdirInUseError, WorkdirLock
+from attention_jax.workdir import (
+    VOCAB_FILE,
+    WorkdirInUseError,
+    WorkdirLock,
+    checkpoints_dir,
+    metrics_path,
+    save_config,
+    stale_temporaries,
+    vocab_path,
+)
 from attention_jax.workdir.checkpoint import Checkpointer, IncompatibleCheckpointError
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
-    """TransformerConfig from ``config.model`` (dtype names as strings)."""
-    fields = dict(config.model)
-    for name in ("dtype", "param_dtype"):
-        if name in fields:
-            if fields[name] not in _DTYPES:
-                raise ValueError(
-                    f"config.model.{name} must be one of {tuple(_DTYPES)}, got {fields[name]!r}"
-                )
-            fields[name] = _DTYPES[fields[name]]
-    known = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
-    return TransformerConfig(**fields)
-
-
-def _model_signature(cfg: TransformerConfig) -> dict:
-    """What must match between a checkpoint and the model restoring it."""
-    keys = (
-        "vocab_size", "target_vocab_size", "share_embeddings", "d_model", "num_heads",
-        "num_layers", "num_decoder_layers", "d_ff", "max_len", "positional", "pre_ln",
-    )  # fmt: skip
-    return {k: getattr(cfg, k) for k in keys}
+from attention_jax.workdir.experiment import (
+    check_experiment,
+    model_config,
+    model_signature,
+    nonfinite_policy,
+)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -81,7 +69,7 @@ def _check_workdir(workdir: str) -> None:
             e.errno,
             f"workdir {workdir!r} cannot be created ({e.strerror or e}); use another --workdir",
         ) from e
-    for directory in (workdir, os.path.join(workdir, "checkpoints")):
+    for directory in (workdir, checkpoints_dir(workdir)):
         if not os.path.isdir(directory):
             continue
         try:  # an anonymous file: nothing is left behind, whatever happens
@@ -141,16 +129,12 @@ def resolve_config(
 
 
 def _remove_stale_temporaries(workdir: str) -> None:
-    """Half-written files of a run killed mid-write: config.json, metrics.jsonl and the
-    vocabulary are written to a temporary name and renamed. Harmless, but not left to pile
-    up (only process 0 writes them)."""
+    """Half-written files of a run killed mid-write (workdir.stale_temporaries). Harmless,
+    but not left to pile up (only process 0 writes them)."""
     if jax.process_index() != 0:
         return
-    where = glob.escape(workdir)
-    patterns = (f"{CONFIG_FILE}.tmp.*", f"{METRICS_FILE}.tmp", f".{tasks.VOCAB_FILE}.*.tmp")
-    for path in [p for pattern in patterns for p in glob.glob(os.path.join(where, pattern))]:
-        if os.path.isfile(path):
-            os.remove(path)
+    for path in stale_temporaries(workdir):
+        os.remove(path)
 
 
 def _warn_if_short_of_space(directory: str, state, keep: int) -> None:
@@ -168,7 +152,7 @@ def _warn_if_short_of_space(directory: str, state, keep: int) -> None:
 
 def _check_model(workdir: str, step: int, saved: dict, cfg: TransformerConfig) -> None:
     """Refuses a checkpoint of a different model, naming the fields that differ."""
-    ours = json.loads(json.dumps(_model_signature(cfg)))  # as the JSON metadata holds it
+    ours = model_signature(cfg)
     theirs = saved.get("model") or {}
     differ = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
     if differ:
@@ -185,7 +169,7 @@ def _check_vocabulary(workdir: str, step: int, saved: dict, meta: dict) -> None:
     if saved.get("vocab_fingerprint") != meta.get("vocab_fingerprint"):
         raise IncompatibleCheckpointError(
             f"workdir {workdir!r}: the checkpoint (step {step}) was trained with vocabulary "
-            f"{saved.get('vocab_fingerprint')} but {tasks.VOCAB_FILE} there is "
+            f"{saved.get('vocab_fingerprint')} but {VOCAB_FILE} there is "
             f"{meta.get('vocab_fingerprint')}; use the vocabulary it was trained with"
         )
 
@@ -290,12 +274,7 @@ def evaluate(eval_fn, decode_fn, params, task, mesh, split: str = "validation") 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
     held-out metrics."""
-    policy = config.get("nonfinite", "stop")
-    if policy not in training.NONFINITE_POLICIES:
-        raise ValueError(
-            f"config.nonfinite must be one of {training.NONFINITE_POLICIES}, got {policy!r}"
-        )
-    check_experiment_config(config)  # also for notebooks, which skip the command's checks
+    check_experiment(config)  # also for notebooks, which skip the command's checks
     if config.data.dataset != "reversal":  # not prepared: refused before the workdir is made
         tasks.check_dataset(config)
     _check_workdir(workdir)
@@ -304,6 +283,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return _train_locked(config, workdir)
     finally:
         lock.release()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What a run is, before anything is read from its workdir."""
+
+    config: ml_collections.ConfigDict  # resolved (resolve_config)
+    workdir: str
+    cfg: TransformerConfig
+    model: Transformer
+    optimizer: optax.GradientTransformation
+    mesh: Mesh
+    rules: tuple
+    ckpt: Checkpointer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The compiled steps of a run."""
+
+    train: Callable  # (state, batch) -> (state, metrics); sharded, the state donated
+    eval: Callable  # (params, batch) -> sums (training.eval_step)
+    decode: Callable  # (params, inputs) -> ids: greedy, for periodic validation
+    final_decode: Callable  # beam search (config.beam_size, config.alpha), for the test report
+
+
+@dataclasses.dataclass(frozen=True)
+class _Session:
+    """What the training loop and the final report use, once the train state exists."""
+
+    run: _Run
+    task: tasks.ReversalTask | tasks.TranslationTask
+    splits: tuple[str, ...]  # the task's (validation and test, if it has them)
+    meta: dict  # what each checkpoint records: the model's signature, the vocabulary's
+    steps: _Steps
+    log: MetricsWriter
+    progress: Progress
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -319,20 +335,236 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     mesh = sharding.make_mesh(**config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    with_data_state = config.data.dataset != "reversal"
     _remove_stale_temporaries(workdir)
     ckpt = Checkpointer(
         workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
-        data_state=with_data_state, cleanup=True,
+        data_state=config.data.dataset != "reversal", cleanup=True,
     )  # fmt: skip
+    run = _Run(config, workdir, cfg, model, optimizer, mesh, rules, ckpt)
     stop = _StopSignals()
     try:
-        return _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt, stop)
+        return _resume_and_train(run, stop)
     except Exception:
         ckpt.abandon()  # lets a save in progress complete
         raise
     finally:
         stop.uninstall()
+
+
+def _resume_and_train(run: _Run, stop: _StopSignals) -> dict:
+    """The phases of a run once its checkpointer exists; `stop` is installed around the
+    training loop."""
+    newest = _refuse_incompatible_workdir(run)  # before anything is created or written
+    data_parallel = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    task = tasks.make_task(run.config, run.workdir, data_parallel=data_parallel)
+    start, state, shardings, meta = _init_or_restore(run, task, newest)
+    _warn_if_short_of_space(run.ckpt.directory, state, run.config.keep_checkpoints)
+    if jax.process_index() == 0:  # for translate.py / evaluate.py; the checks above passed
+        save_config(run.config, run.workdir)
+    log = MetricsWriter(run.workdir, start)
+    progress = Progress(run.config.num_train_steps, start)
+    steps = _compile_steps(run, shardings)
+    session = _Session(run, task, task.splits(), meta, steps, log, progress)
+    state, last_validation = _train_steps(session, state, start, stop)
+    stop.uninstall()  # the final evaluation can be interrupted as usual
+    progress.close()
+    run.ckpt.close()
+    return _final_report(session, state, start, last_validation)
+
+
+def _refuse_incompatible_workdir(run: _Run) -> int | None:
+    """The newest checkpoint's step (None: none), after refusing a workdir whose newest
+    checkpoint is of another model, or whose vocabulary is missing."""
+    workdir = run.workdir
+    newest, saved = run.ckpt.newest_meta()
+    if newest is not None:
+        _check_model(workdir, newest, saved, run.cfg)
+    if (saved or {}).get("vocab_fingerprint") and not os.path.exists(vocab_path(workdir)):
+        raise FileNotFoundError(
+            f"workdir {workdir!r} holds checkpoints trained with the vocabulary "
+            f"{saved['vocab_fingerprint']}, but its {VOCAB_FILE} is missing; put it "
+            "back or use a new --workdir"
+        )
+    return newest
+
+
+def _init_or_restore(run: _Run, task, newest: int | None):
+    """``(start, state, shardings, meta)``: the train state created sharded and, if the
+    workdir holds a checkpoint (`newest`), restored from the newest one that reads back
+    whole (with the data iterator's position). `meta` is what each checkpoint records."""
+    state, shardings = training.create_train_state(
+        run.model, run.optimizer, task.example_batch(), jax.random.key(run.config.seed),
+        run.mesh, run.rules,
+    )  # fmt: skip
+    meta = {"model": model_signature(run.cfg), **task.meta()}
+    if newest is None:
+        return 0, state, shardings, meta
+
+    def check(step, saved):
+        _check_model(run.workdir, step, saved, run.cfg)
+        _check_vocabulary(run.workdir, step, saved, meta)
+
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+    ckpt = run.ckpt
+    restored_step, restored = ckpt.restore_newest(
+        abstract, check_meta=check, data_iterator=task_iterator(task)
+    )
+    if restored_step is None:
+        raise NoIntactCheckpointError(
+            f"no checkpoint in {ckpt.directory} reads back whole (the damaged ones were "
+            "moved aside, see above); rerun to start from step 0, or put good ones back"
+        )
+    if jax.process_index() == 0:
+        print(f"resumed from step {restored_step} ({ckpt.directory})", flush=True)
+    return restored_step, restored, shardings, meta
+
+
+def _compile_steps(run: _Run, shardings) -> _Steps:
+    """The jitted train and eval steps and the decoders. Periodic validation decodes
+    greedily (fast); the final test report uses beam search (config.beam_size,
+    config.alpha; the paper: 4 and 0.6), as translate.py does."""
+    config, model = run.config, run.model
+    train = training.jit_train_step(
+        model, run.optimizer, shardings, run.mesh,
+        label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
+        nonfinite=nonfinite_policy(config),
+    )  # fmt: skip
+    max_decode = min(config.data.get("max_length", 0) + 50, run.cfg.max_len)
+    return _Steps(
+        train=train,
+        eval=training.jit_eval_step(model, shardings.params, run.mesh),
+        decode=functools.partial(decoding.translate, model, max_length=max_decode, beam_size=1),
+        final_decode=functools.partial(
+            decoding.translate, model, max_length=max_decode,
+            beam_size=config.get("beam_size", 4), alpha=config.get("alpha", 0.6),
+        ),
+    )  # fmt: skip
+
+
+class _Throughput:
+    """Tokens/s, target padding and MFU over each logging interval (the first one includes
+    compilation), counted on the host from the batches fed; evaluation time is left out."""
+
+    def __init__(self, cfg: TransformerConfig, peak: float | None, devices: int, step: int):
+        self.cfg, self.peak, self.devices = cfg, peak, devices
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.mark_step, self.mark_time = step, time.perf_counter()
+        self.tokens = self.flops = self.slots = 0.0
+
+    def add(self, batch: dict) -> None:
+        """Counts this process's `batch` (every process feeds a share of the same size)."""
+        tokens, step_flops = _count(self.cfg, batch)
+        self.tokens += tokens * jax.process_count()
+        self.flops += step_flops * jax.process_count()
+        self.slots += batch["targets"].size * jax.process_count()
+
+    def exclude(self, seconds: float) -> None:
+        self.mark_time += seconds
+
+    def record(self, done: int) -> tuple[dict, float]:
+        """The interval's figures up to step `done`, and its steps per second."""
+        seconds = max(time.perf_counter() - self.mark_time, 1e-9)
+        record = {
+            "tokens_per_s": self.tokens / seconds,  # target tokens
+            # target slots holding no token (padding, or the end of packed rows)
+            "target_padding": 1.0 - self.tokens / max(self.slots, 1.0),
+        }
+        if self.peak:
+            record["mfu"] = self.flops / seconds / (self.peak * self.devices)
+        return record, (done - self.mark_step) / seconds
+
+
+def _train_steps(session: _Session, state, start: int, stop: _StopSignals):
+    """Steps `start` .. config.num_train_steps: logging, periodic validation, the
+    non-finite policy, checkpoints, and stopping on a signal or a preemption. Returns the
+    final state and the last validation scores (None: none ran)."""
+    run, task, steps = session.run, session.task, session.steps
+    config, ckpt, mesh = run.config, run.ckpt, run.mesh
+    log, progress = session.log, session.progress
+    validate = "validation" in session.splits
+    if not validate and jax.process_index() == 0:
+        print(f"no validation split in {config.data.dataset}: no periodic evaluation", flush=True)
+    last_validation = None
+    total = config.num_train_steps
+    peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
+    # The host reads metrics only at logging steps.
+    throughput = _Throughput(run.cfg, peak, mesh.size, start)
+    stop_on_nonfinite = nonfinite_policy(config) == "stop"
+    stop.install()
+    for step in range(start, total):
+        batch = task.next_batch(step)
+        state, metrics = steps.train(state, sharding.shard_batch(batch, mesh))
+        throughput.add(batch)
+        done = step + 1
+        last = done == total
+        if done % config.log_every == 0 or last:
+            m = jax.device_get(metrics)
+            rates, steps_per_s = throughput.record(done)
+            record = {
+                "train_loss": float(m["loss"]),
+                "train_accuracy": float(m["accuracy"]),
+                **rates,
+            }
+            if int(m["nonfinite_steps"]):  # updates withheld so far (config.nonfinite)
+                record["nonfinite_steps"] = int(m["nonfinite_steps"])
+            log.write(done, record)
+            progress.update(done, record, eta_s=(total - done) / steps_per_s)
+            throughput.restart(done)
+        if validate and (done % config.eval_every == 0 or last):
+            eval_start = time.perf_counter()
+            ev = last_validation = evaluate(steps.eval, steps.decode, state.params, task, mesh)
+            log.write(done, {f"eval_{k}": v for k, v in ev.items()})
+            progress.print(f"step {done}: validation {_fmt(ev)}")
+            throughput.exclude(time.perf_counter() - eval_start)  # not training time
+        if stop_on_nonfinite and (
+            done % config.log_every == 0 or done % config.checkpoint_every == 0 or last
+        ):  # at steps whose metrics are read anyway, and before any save
+            _stop_if_nonfinite(metrics, ckpt, also_close=(progress, log))
+        ckpt.save(done, state, session.meta, force=last, data_iterator=task_iterator(task))
+        preempted = jax.process_count() > 1 and ckpt.reached_preemption(done)
+        if stop.received is not None or preempted:
+            signum = stop.received or signal.SIGTERM
+            _save_and_stop(
+                signum, done, state, session.meta, task, ckpt, also_close=(progress, log)
+            )
+    return state, last_validation
+
+
+def _final_report(session: _Session, state, start: int, last_validation: dict | None) -> dict:
+    """The held-out metrics of the final state (the test split with beam search, else the
+    last validation scores), written to the log and said on the terminal with where
+    everything is."""
+    run, task, steps, log = session.run, session.task, session.steps, session.log
+    config, mesh = run.config, run.mesh
+    if "test" in session.splits:
+        final = evaluate(steps.eval, steps.final_decode, state.params, task, mesh, split="test")
+        log.write(max(start, config.num_train_steps), {f"test_{k}": v for k, v in final.items()})
+        summary = f"final test metrics: {_fmt(final)}"
+    elif "validation" in session.splits:  # no test split: the last validation scores stand for it
+        if last_validation is None:  # a finished run, started again: nothing was trained
+            last_validation = evaluate(steps.eval, steps.decode, state.params, task, mesh)
+        final = last_validation
+        summary = (
+            f"final validation metrics (no test split in {config.data.dataset}): {_fmt(final)}"
+        )
+    else:
+        final = {}
+        summary = f"no validation or test split in {config.data.dataset}: nothing evaluated"
+    log.close()
+    if jax.process_index() == 0:
+        workdir = os.path.abspath(run.workdir)
+        print(
+            f"{summary}\ncheckpoints: {run.ckpt.directory}\n"
+            f"metrics: {metrics_path(workdir)} "
+            f"(tensorboard --logdir {workdir}{_tensorboard_hint()})"
+            + (f"\nvocabulary: {vocab_path(workdir)}" if task.tokenizer else ""),
+            flush=True,
+        )
+    return final
 
 
 class NoIntactCheckpointError(RuntimeError):
@@ -363,157 +595,8 @@ def _stop_if_nonfinite(metrics, ckpt, *, also_close=()):
     )
 
 
-def _resume_and_train(config, workdir, cfg, model, optimizer, mesh, rules, ckpt, stop) -> dict:
-    """The body of `train_and_evaluate`, once `ckpt` exists; `stop` is installed around the
-    training loop."""
-    # Refusals come before anything is created or written (the vocabulary included).
-    newest, saved = ckpt.newest_meta()
-    if newest is not None:
-        _check_model(workdir, newest, saved, cfg)
-    if (saved or {}).get("vocab_fingerprint") and not os.path.exists(
-        os.path.join(workdir, tasks.VOCAB_FILE)
-    ):
-        raise FileNotFoundError(
-            f"workdir {workdir!r} holds checkpoints trained with the vocabulary "
-            f"{saved['vocab_fingerprint']}, but its {tasks.VOCAB_FILE} is missing; put it "
-            "back or use a new --workdir"
-        )
-    task = tasks.make_task(config, workdir, data_parallel=mesh.shape["data"] * mesh.shape["fsdp"])
-    state, shardings = training.create_train_state(
-        model, optimizer, task.example_batch(), jax.random.key(config.seed), mesh, rules
-    )
-    meta = {"model": _model_signature(cfg), **task.meta()}
-    start = 0
-    if newest is not None:
-
-        def check(step, saved):
-            _check_model(workdir, step, saved, cfg)
-            _check_vocabulary(workdir, step, saved, meta)
-
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
-        restored_step, restored = ckpt.restore_newest(
-            abstract, check_meta=check, data_iterator=task_iterator(task)
-        )
-        if restored_step is None:
-            raise NoIntactCheckpointError(
-                f"no checkpoint in {ckpt.directory} reads back whole (the damaged ones were "
-                "moved aside, see above); rerun to start from step 0, or put good ones back"
-            )
-        start, state = restored_step, restored
-        if jax.process_index() == 0:
-            print(f"resumed from step {start} ({ckpt.directory})", flush=True)
-    _warn_if_short_of_space(ckpt.directory, state, config.keep_checkpoints)
-    if jax.process_index() == 0:  # for translate.py / evaluate.py; the checks above passed
-        save_config(config, workdir)
-    log = MetricsWriter(workdir, start)
-    progress = Progress(config.num_train_steps, start)
-    step_fn = training.jit_train_step(
-        model, optimizer, shardings, mesh,
-        label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-        nonfinite=config.get("nonfinite", "stop"),
-    )  # fmt: skip
-    eval_fn = training.jit_eval_step(model, shardings.params, mesh)
-    # Periodic validation decodes greedily (fast); the final test report uses beam search
-    # (config.beam_size, config.alpha; the paper: 4 and 0.6), as translate.py does.
-    max_decode = min(config.data.get("max_length", 0) + 50, cfg.max_len)
-    decode_fn = functools.partial(decoding.translate, model, max_length=max_decode, beam_size=1)
-    final_decode_fn = functools.partial(
-        decoding.translate, model, max_length=max_decode,
-        beam_size=config.get("beam_size", 4), alpha=config.get("alpha", 0.6),
-    )  # fmt: skip
-    splits = task.splits()
-    validate = "validation" in splits
-    if not validate and jax.process_index() == 0:
-        print(f"no validation split in {config.data.dataset}: no periodic evaluation", flush=True)
-    last_validation = None
-    peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
-    total = config.num_train_steps
-    # Throughput over each logging interval (the first one includes compilation); the host
-    # reads metrics only at these steps.
-    mark_step, mark_time, step = start, time.perf_counter(), start
-    interval_tokens = interval_flops = interval_slots = 0.0  # counted on the host
-    stop.install()
-    for step in range(start, total):
-        batch = task.next_batch(step)
-        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
-        tokens, step_flops = _count(cfg, batch)
-        interval_tokens += tokens * jax.process_count()
-        interval_flops += step_flops * jax.process_count()
-        interval_slots += batch["targets"].size * jax.process_count()
-        done = step + 1
-        last = done == total
-        if done % config.log_every == 0 or last:
-            m = jax.device_get(metrics)
-            seconds = max(time.perf_counter() - mark_time, 1e-9)
-            steps_per_s = (done - mark_step) / seconds
-            record = {
-                "train_loss": float(m["loss"]),
-                "train_accuracy": float(m["accuracy"]),
-                "tokens_per_s": interval_tokens / seconds,  # target tokens
-                # target slots holding no token (padding, or the end of packed rows)
-                "target_padding": 1.0 - interval_tokens / max(interval_slots, 1.0),
-            }
-            if peak:
-                record["mfu"] = interval_flops / seconds / (peak * mesh.size)
-            if int(m["nonfinite_steps"]):  # updates withheld so far (config.nonfinite)
-                record["nonfinite_steps"] = int(m["nonfinite_steps"])
-            log.write(done, record)
-            progress.update(done, record, eta_s=(total - done) / steps_per_s)
-            mark_step, mark_time = done, time.perf_counter()
-            interval_tokens = interval_flops = interval_slots = 0.0
-        if validate and (done % config.eval_every == 0 or last):
-            eval_start = time.perf_counter()
-            ev = last_validation = evaluate(eval_fn, decode_fn, state.params, task, mesh)
-            log.write(done, {f"eval_{k}": v for k, v in ev.items()})
-            progress.print(f"step {done}: validation {_fmt(ev)}")
-            mark_time += time.perf_counter() - eval_start  # evaluation is not training time
-        if config.get("nonfinite", "stop") == "stop" and (
-            done % config.log_every == 0 or done % config.checkpoint_every == 0 or last
-        ):  # at steps whose metrics are read anyway, and before any save
-            _stop_if_nonfinite(metrics, ckpt, also_close=(progress, log))
-        ckpt.save(done, state, meta, force=last, data_iterator=task_iterator(task))
-        preempted = jax.process_count() > 1 and ckpt.reached_preemption(done)
-        if stop.received is not None or preempted:
-            signum = stop.received or signal.SIGTERM
-            _save_and_stop(signum, done, state, meta, task, ckpt, also_close=(progress, log))
-    stop.uninstall()  # the final evaluation can be interrupted as usual
-    progress.close()
-    ckpt.close()
-    if "test" in splits:
-        final = evaluate(eval_fn, final_decode_fn, state.params, task, mesh, split="test")
-        log.write(max(start, total), {f"test_{k}": v for k, v in final.items()})
-        summary = f"final test metrics: {_fmt(final)}"
-    elif validate:  # a corpus without a test split: the last validation scores stand for it
-        if last_validation is None:  # a finished run, started again: nothing was trained
-            last_validation = evaluate(eval_fn, decode_fn, state.params, task, mesh)
-        final = last_validation
-        summary = (
-            f"final validation metrics (no test split in {config.data.dataset}): {_fmt(final)}"
-        )
-    else:
-        final = {}
-        summary = f"no validation or test split in {config.data.dataset}: nothing evaluated"
-    log.close()
-    if jax.process_index() == 0:
-        workdir = os.path.abspath(workdir)
-        print(
-            f"{summary}\ncheckpoints: {ckpt.directory}\n"
-            f"metrics: {os.path.join(workdir, METRICS_FILE)} "
-            f"(tensorboard --logdir {workdir}{_tensorboard_hint()})"
-            + (
-                f"\nvocabulary: {os.path.join(workdir, tasks.VOCAB_FILE)}" if task.tokenizer else ""
-            ),
-            flush=True,
-        )
-    return final
-
-
 def _tensorboard_hint() -> str:
     """How to get the viewer, when it is not installed (runs write with tensorboardX)."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorboard") is not None:
         return ""
     return "; TensorBoard itself: pip install 'attention_jax[tensorboard]'"

@@ -17,6 +17,8 @@ import sys
 import jax
 import tqdm
 
+from attention_jax.workdir import metrics_path, tensorboard_dir
+
 _SPLITS = ("train", "eval", "test")
 
 
@@ -33,7 +35,7 @@ class MetricsWriter:
     final test report, which the resumed run writes again, and a line a kill cut short)."""
 
     def __init__(self, workdir: str, resume_step: int = 0):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = metrics_path(workdir)
         self.enabled = jax.process_index() == 0
         self._tb = None
         if not self.enabled:
@@ -48,7 +50,7 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
         self._tb = SummaryWriter(
-            os.path.join(workdir, "tensorboard"), purge_step=resume_step or None, flush_secs=30
+            tensorboard_dir(workdir), purge_step=resume_step or None, flush_secs=30
         )
 
     def write(self, step: int, metrics: dict) -> None:

@@ -21,6 +21,7 @@ import optax
 from attention_jax.nn.model import TransformerLM, shift_right_packed
 from attention_jax.nn.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
 from attention_jax.train.losses import smoothed_cross_entropy_sums
+from attention_jax.workdir.experiment import NONFINITE_POLICIES
 
 
 def paper_learning_rate(d_model: int, warmup_steps: int = 4000, factor: float = 1.0):
@@ -63,9 +64,6 @@ class TrainState:
     # first such step (-1: none). See train_step's `nonfinite`.
     nonfinite_steps: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(0))
     first_nonfinite_step: jax.Array = dataclasses.field(default_factory=lambda: jnp.int32(-1))
-
-
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 PACKING_KEYS = ("inputs_positions", "targets_positions", "inputs_segmentation",
@@ -124,54 +122,18 @@ def train_step(
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_sums(params, mb, key):
-        loss, tokens, correct = _sums(
-            model, params, mb, train=True, rng=key, label_smoothing=label_smoothing
-        )
-        return loss, (tokens, correct)
-
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-
-    if accum_steps == 1:
-        (loss, (tokens, correct)), grads = grad_fn(state.params, batch, rng)
-    else:
-
-        def split(x):  # [B, ...] -> [k, B/k, ...]
-            if x.shape[0] % accum_steps:
-                raise ValueError(
-                    f"batch of {x.shape[0]} rows does not split into accum_steps={accum_steps}"
-                )
-            return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
-
-        def body(carry, xs):
-            i, mb = xs
-            (l_, (t_, c_)), g_ = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            acc_g, acc_l, acc_t, acc_c = carry
-            return (jax.tree.map(jnp.add, acc_g, g_), acc_l + l_, acc_t + t_, acc_c + c_), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        xs = (jnp.arange(accum_steps), jax.tree.map(split, batch))
-        (grads, loss, tokens, correct), _ = jax.lax.scan(body, init, xs)
+    grads, (loss, tokens, correct) = _gradient_sums(
+        model, state.params, batch, rng, label_smoothing=label_smoothing, accum_steps=accum_steps
+    )
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)  # d(mean loss)/d(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    apply = finite if nonfinite == "skip" else finite & (state.nonfinite_steps == 0)
-    keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
-    bad = jnp.logical_not(finite)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=jax.tree.map(keep, params, state.params),
-        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-        nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
-        first_nonfinite_step=jnp.where(
-            bad & (state.first_nonfinite_step < 0), state.step, state.first_nonfinite_step
-        ),
-    )
+    new_state = _guard_nonfinite(
+        state, params, opt_state, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        nonfinite=nonfinite,
+    )  # fmt: skip
     metrics = {
         "loss": loss / denom,
         "accuracy": correct / denom,
@@ -181,6 +143,61 @@ def train_step(
         "first_nonfinite_step": new_state.first_nonfinite_step,
     }
     return new_state, metrics
+
+
+def _gradient_sums(model, params, batch, rng, *, label_smoothing, accum_steps):
+    """``(grads, (loss, tokens, correct))``: gradient and loss *sums* over the batch's
+    non-padding target tokens. With ``accum_steps = k`` the batch is split into k
+    microbatches (microbatch i uses the dropout key ``fold_in(rng, i)``) whose sums are
+    accumulated in a ``lax.scan``."""
+
+    def loss_sums(params, mb, key):
+        loss, tokens, correct = _sums(
+            model, params, mb, train=True, rng=key, label_smoothing=label_smoothing
+        )
+        return loss, (tokens, correct)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if accum_steps == 1:
+        (loss, aux), grads = grad_fn(params, batch, rng)
+        return grads, (loss, *aux)
+
+    def split(x):  # [B, ...] -> [k, B/k, ...]
+        if x.shape[0] % accum_steps:
+            raise ValueError(
+                f"batch of {x.shape[0]} rows does not split into accum_steps={accum_steps}"
+            )
+        return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+
+    def body(carry, xs):
+        i, mb = xs
+        (l_, (t_, c_)), g_ = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        acc_g, acc_l, acc_t, acc_c = carry
+        return (jax.tree.map(jnp.add, acc_g, g_), acc_l + l_, acc_t + t_, acc_c + c_), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    xs = (jnp.arange(accum_steps), jax.tree.map(split, batch))
+    (grads, loss, tokens, correct), _ = jax.lax.scan(body, init, xs)
+    return grads, (loss, tokens, correct)
+
+
+def _guard_nonfinite(state: TrainState, params, opt_state, *, finite, nonfinite: str):
+    """The state after a step whose new `params` and `opt_state` are applied only if the
+    step was `finite` (and, under 'stop', no earlier step was not); a step that was not is
+    counted, and the first one kept."""
+    apply = finite if nonfinite == "skip" else finite & (state.nonfinite_steps == 0)
+    keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+    bad = jnp.logical_not(finite)
+    return state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
+        first_nonfinite_step=jnp.where(
+            bad & (state.first_nonfinite_step < 0), state.step, state.first_nonfinite_step
+        ),
+    )
 
 
 def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float = 0.1) -> dict:

@@ -15,6 +15,10 @@ metrics.jsonl records, write a second event file and race the first one's checkp
 holder's process ends, however it ends (SIGKILL, power loss on a local disk), so a killed run
 never leaves the workdir stuck. The file itself stays (it only says who held it last).
 
+config.json, metrics.jsonl and the vocabulary are written to a temporary name next to them
+and renamed, so a reader never sees half a file; `stale_temporaries` finds what a run killed
+mid-write left behind.
+
 No JAX or Flax here: the data layer and the command-line tools read these names too.
 """
 
@@ -22,9 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import json
 import os
 import socket
 import time
+
+import ml_collections
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.model"
@@ -59,8 +67,53 @@ def metrics_path(workdir: str) -> str:
     return os.path.join(workdir, METRICS_FILE)
 
 
+def tensorboard_dir(workdir: str) -> str:
+    return os.path.join(workdir, TENSORBOARD)
+
+
 def lock_path(workdir: str) -> str:
     return os.path.join(workdir, LOCK_FILE)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the experiment config as ``<workdir>/config.json`` (atomically)."""
+    path = config_path(workdir)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The experiment config a training run saved in `workdir`; a missing or damaged file,
+    or JSON that is not a run's config, raises an error naming the file."""
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: is {workdir!r} the --workdir of a training run?"
+        )
+    with open(path, encoding="utf-8") as f:
+        try:
+            fields = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{path} is not a valid config JSON file ({e})") from None
+    missing = [k for k in ("model", "data") if not isinstance(fields, dict) or k not in fields]
+    if missing:
+        raise ValueError(
+            f"{path} is not the config.json of a training run: it has no {missing} section "
+            f"(found {sorted(fields) if isinstance(fields, dict) else type(fields).__name__})"
+        )
+    return ml_collections.ConfigDict(fields)
+
+
+def stale_temporaries(workdir: str) -> list[str]:
+    """The half-written files a run killed mid-write left in `workdir`: config.json
+    (`save_config`), metrics.jsonl (train/reporting.py) and the vocabulary
+    (data/tokenizer.py) are each written to one of these names and renamed."""
+    where = glob.escape(workdir)
+    patterns = (f"{CONFIG_FILE}.tmp.*", f"{METRICS_FILE}.tmp", f".{VOCAB_FILE}.*.tmp")
+    found = [p for pattern in patterns for p in glob.glob(os.path.join(where, pattern))]
+    return [p for p in found if os.path.isfile(p)]
 
 
 class WorkdirLock:

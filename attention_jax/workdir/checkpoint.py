@@ -18,6 +18,7 @@ tried; see `Checkpointer.restore_newest`. One written by a different model is re
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import re
 import shutil
@@ -26,9 +27,14 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from attention_jax.nn.config import is_int
+from attention_jax.workdir import checkpoints_dir
 
 CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-<step>: a damaged checkpoint, moved aside
 
@@ -63,7 +69,7 @@ class Checkpointer:
         create: bool = True,
         log: Callable[[str], None] = print,
     ):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = checkpoints_dir(os.path.abspath(workdir))
         self._log = log if jax.process_index() == 0 else (lambda message: None)
         self._pending = None  # the step of the last save started and not yet known complete
         if cleanup:
@@ -81,8 +87,6 @@ class Checkpointer:
             _sync("checkpoint_cleanup")
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         if data_state:  # grain writes one small JSON file per process
-            import grain
-
             handlers["data"] = grain.checkpoint.CheckpointHandler()
         policies = ocp.checkpoint_managers
         self.manager = ocp.CheckpointManager(
@@ -127,8 +131,6 @@ class Checkpointer:
         fails; the checkpoints written before stay complete and restorable."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            import grain
-
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
             started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -201,8 +203,6 @@ class Checkpointer:
             "meta": ocp.args.JsonRestore(),
         }
         if data_iterator is not None:
-            import grain
-
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored["meta"]
@@ -248,7 +248,7 @@ class Checkpointer:
                     _reraise(e)
                 problem = f"its array metadata does not read back ({_brief(e)})"
             else:
-                _check_same_tree(step, saved, abstract_state)
+                check_same_tree(step, saved, abstract_state)
                 with _AbandonedReads() as abandoned:
                     try:
                         state, _ = self.restore(step, abstract_state, data_iterator=data_iterator)
@@ -282,12 +282,11 @@ class Checkpointer:
         )
         self.manager.reload()
 
-    def restore_on_one_device(self, step: int, device=None) -> dict:
-        """The state saved at `step` as a plain tree on one device (default: the first local
-        one), whatever mesh or number of hosts wrote it: for evaluation, decoding and
-        averaging on a machine other than the one that trained."""
-        device = jax.local_devices()[0] if device is None else device
-        one = jax.sharding.SingleDeviceSharding(device)
+    def restore_on_one_device(self, step: int) -> dict:
+        """The state saved at `step` as a plain tree on the first local device, whatever
+        mesh or number of hosts wrote it: for evaluation, decoding and averaging on a
+        machine other than the one that trained."""
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         saved = self.manager.item_metadata(step)["state"]
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
         restored = self.manager.restore(
@@ -295,23 +294,23 @@ class Checkpointer:
         )
         return restored["state"]
 
-    def intact(self, *, check_meta=None, log: Callable[[str], None] | None = None):
+    def intact(self, *, check_meta=None):
         """``(step, meta, params)`` of each checkpoint that reads back whole, newest first,
         on one device: for readers (translation, evaluation, averaging).
 
         Unlike `restore_newest`, nothing is moved or changed: a damaged checkpoint (metadata
-        or arrays that do not read back) is reported in one line through `log` and skipped.
+        or arrays that do not read back) is reported in one line (the Checkpointer's `log`)
+        and skipped.
         ``check_meta(step, meta)`` may raise (e.g. `IncompatibleCheckpointError`) to refuse
         a checkpoint; that error propagates.
         """
-        log = self._log if log is None else log
         for step in reversed(self.steps()):
             try:
                 meta = self.read_meta(step)
             except Exception as e:
                 if not _is_damage(e):
                     _reraise(e)
-                log(self._damaged(step, f"its metadata does not read back ({_brief(e)})"))
+                self._log(self._damaged(step, f"its metadata does not read back ({_brief(e)})"))
                 continue
             if check_meta is not None:
                 check_meta(step, meta)
@@ -327,7 +326,7 @@ class Checkpointer:
                 if problem is not None:  # (the error, and the reads its frames hold, gone)
                     abandoned.settle()
             if problem is not None:
-                log(self._damaged(step, problem))
+                self._log(self._damaged(step, problem))
                 continue
             yield step, meta, params
 
@@ -397,8 +396,6 @@ def quiet_abandoned_reads() -> None:
     """For command-line tools: drops the echoes of a failed checkpoint read for the rest of
     the process (`_abandoned_read_echo`; and asyncio's logged "Task / Future exception was
     never retrieved" of the same reads: in a command-line tool only Orbax runs asyncio)."""
-    import logging
-
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -489,7 +486,7 @@ def _path_name(path) -> str:
     return "/".join(parts)
 
 
-def _check_same_tree(step: int, saved, abstract) -> None:
+def check_same_tree(step: int, saved, abstract) -> None:
     """Raises `IncompatibleCheckpointError` naming the arrays whose paths, shapes or dtypes
     differ between the checkpoint's metadata and the state restoring it (arrays only on one
     side are counted per subtree: a changed optimizer differs in hundreds)."""
@@ -530,15 +527,12 @@ def _everywhere(ok: bool) -> bool:
     """`ok` on every process (one process: `ok`)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def _sync(name: str) -> None:
+    """Waits until every process of a multi-host run got here (nothing in one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -553,7 +547,7 @@ def average_checkpoints(
     `log`, nothing is moved) and the next older one taken; raises if fewer than `last_k`
     checkpoints read back. ``check_meta(step, meta)``: see `Checkpointer.intact`.
     """
-    if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
+    if not is_int(last_k) or last_k < 1:
         raise ValueError(f"last_k must be a positive int, got {last_k!r}")
     ckpt = Checkpointer(workdir, create=False, log=log or print)
     try:
