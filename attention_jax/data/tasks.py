@@ -18,8 +18,8 @@ import re
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
+from attention_jax import multihost
 from attention_jax.data import pipeline, toy_translation
 from attention_jax.data.synthetic import reversal_batch
 from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
@@ -283,7 +283,7 @@ def load_or_train_vocabulary(config, workdir: str, train_source):
             _make_vocabulary(config, path, train_source)
         except (ValueError, OSError, RuntimeError) as e:
             refused = e
-    _sync("vocabulary")  # the others wait for it
+    multihost.sync("vocabulary")  # the others wait for it
     if refused is not None:
         raise refused
     if not os.path.exists(path):
@@ -320,11 +320,6 @@ def _make_vocabulary(config, path: str, train_source) -> None:
         print(f"training a {size}-piece SentencePiece vocabulary on {n} pairs", flush=True)
         tokenizer = Tokenizer.train(sentences, size)
     tokenizer.save(path)
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):

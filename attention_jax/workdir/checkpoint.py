@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from attention_jax import multihost
 from attention_jax.nn.config import is_int
 from attention_jax.workdir import checkpoints_dir
 
@@ -84,7 +85,7 @@ class Checkpointer:
             if jax.process_index() == 0:
                 for name in _unfinished_names(self.directory):
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-            _sync("checkpoint_cleanup")
+            multihost.sync("checkpoint_cleanup")
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         if data_state:  # grain writes one small JSON file per process
             handlers["data"] = grain.checkpoint.CheckpointHandler()
@@ -274,7 +275,7 @@ class Checkpointer:
         target = target if n == 0 else f"{target}.{n}"
         if jax.process_index() == 0:
             os.rename(source, target)
-        _sync(f"checkpoint_move_aside_{step}")
+        multihost.sync(f"checkpoint_move_aside_{step}")
         older = [s for s in self.steps() if s < step]
         self._log(
             f"checkpoint of step {step} is damaged: {problem}; moved it to {target}; "
@@ -528,12 +529,6 @@ def _everywhere(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
-def _sync(name: str) -> None:
-    """Waits until every process of a multi-host run got here (nothing in one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def average_checkpoints(
