@@ -64,7 +64,7 @@ from attention_jax.data import toy_translation
 from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.data.tokenizer import EOS_ID
 from attention_jax.decode.translator import Translator
-from attention_jax.train import loop as train_loop
+from attention_jax.train.loop import train_and_evaluate
 
 # TINY: a few steps of a tiny model, so the whole notebook runs in well under a minute on a
 # CPU (the tests run it so). Its translations are wrong and its attention is noise.
@@ -127,7 +127,7 @@ print(f"workdir: {WORKDIR}")
 
 # %%
 start = time.perf_counter()
-final = train_loop.train_and_evaluate(config, WORKDIR)
+final = train_and_evaluate(config, WORKDIR)
 print(f"{time.perf_counter() - start:.0f} s; test BLEU {final['bleu']:.1f}")
 
 # %% [markdown]

@@ -68,7 +68,7 @@ from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.decode import metrics
 from attention_jax.decode.translator import Translator
 from attention_jax.nn import sharding
-from attention_jax.train import loop as train_loop
+from attention_jax.train.loop import train_and_evaluate
 from attention_jax.workdir.checkpoint import Checkpointer
 
 # TINY: the toy corpus, a tiny model and a few steps on CPU, in a temporary workdir.
@@ -243,7 +243,7 @@ def latest_step(workdir: str):
 
 
 print(f"latest checkpoint: {latest_step(WORKDIR)} (None: a new run)")
-final = train_loop.train_and_evaluate(config, WORKDIR)
+final = train_and_evaluate(config, WORKDIR)
 
 # %% [markdown]
 # In TINY mode we play the runtime reset: the run above stopped at its last step; asking
@@ -253,7 +253,7 @@ final = train_loop.train_and_evaluate(config, WORKDIR)
 if TINY:
     config.num_train_steps *= 2
     print(f"latest checkpoint: {latest_step(WORKDIR)}")
-    final = train_loop.train_and_evaluate(config, WORKDIR)  # prints "resumed from step 6"
+    final = train_and_evaluate(config, WORKDIR)  # prints "resumed from step 6"
     assert latest_step(WORKDIR) == config.num_train_steps
 
 # %% [markdown]
