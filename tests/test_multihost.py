@@ -53,10 +53,15 @@ def _run_pair(env, tmp_path, workdir):
     for p in procs:
         try:
             outputs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
+            # Reap both (and close their pipes): a Popen left running would surface later as
+            # an unraisable ResourceWarning in whichever test the worker runs next.
             for q in procs:
                 q.kill()
-            raise
+            tails = [q.communicate()[0][-2000:] for q in procs]
+            raise AssertionError(
+                f"the two processes did not finish in {e.timeout} s:\n" + "\n---\n".join(tails)
+            ) from None
     return procs, outputs
 
 
