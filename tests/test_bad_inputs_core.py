@@ -93,14 +93,16 @@ CASES = [
         lambda q, k, v: dpa(q, k, v),
         (Q, _arr(B, S, N + 1, H), _arr(B, S, N + 1, H)),
         ValueError,
-        r"same number of heads N \(layout \[\.\.\., T\|S, N, H\]\)",
+        r"key/value heads K must divide the query heads N .* got N=3 from query "
+        r"\(2, 5, 3, 4\) and K=4 from key \(2, 7, 4, 4\)",
     ),
     (
         "dpa-head-count-mismatch-value",
         lambda q, k, v: dpa(q, k, v),
         (Q, K, _arr(B, S, N + 1, H)),
         ValueError,
-        "same number of heads N",
+        r"key and value need the same number of key/value heads K \(layout \[\.\.\., S, K, "
+        r"H\]\), got key \(2, 7, 3, 4\), value \(2, 7, 4, 4\)",
     ),
     (
         "dpa-kv-length-mismatch",
@@ -190,11 +192,12 @@ CASES = [
     ),
     # ---- dot_product_attention: the arguments of jax.nn and flax. ----
     (
-        "dpa-grouped-query-heads",
+        "dpa-grouped-query-heads-not-dividing",  # N = 3 query heads, K = 2 key/value heads
         lambda q, k, v: dpa(q, k, v),
-        (Q, _arr(B, S, 1, H), _arr(B, S, 1, H)),
+        (Q, _arr(B, S, 2, H), _arr(B, S, 2, H)),
         ValueError,
-        "grouped-query attention \\(key/value heads K != N\\) is not supported",
+        r"K must divide the query heads N \(grouped-query attention: query head n uses "
+        r"key/value head n // \(N // K\)\), got N=3 from query \(2, 5, 3, 4\) and K=2",
     ),
     (
         "dpa-window-negative",

@@ -1,5 +1,6 @@
-"""TFDS sources without TensorFlow: local corpora and WMT14 written as array_record and read
-back by index; bad files, missing datasets; WMT14 prepared offline from fake statmt.org."""
+"""TFDS sources without TensorFlow: local corpora (parallel and text) and WMT14 written as
+array_record and read back by index; bad files, missing datasets; WMT14 and lm1b prepared
+offline from a fake statmt.org."""
 
 import http.server
 import io
@@ -12,6 +13,7 @@ import textwrap
 import threading
 
 import pytest
+import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.translate import wmt14
 
@@ -209,6 +211,30 @@ WMT14_EN_DE = {
 }
 
 
+# lm1b as TFDS fetches it: one archive; train = training-monolingual.tokenized.shuffled/
+# news.en-*, test = heldout-monolingual.tokenized.shuffled/news.en.heldout-*.
+_LM1B_DIR = "1-billion-word-language-modeling-benchmark-r13output"
+FAKE_LM1B = {
+    f"http://www.statmt.org/lm-benchmark/{_LM1B_DIR}.tar.gz": {
+        f"{_LM1B_DIR}/training-monolingual.tokenized.shuffled/news.en-00001-of-00100": [
+            "The cat sat .",
+            "Ünïcödé \u2028 text",
+        ],
+        f"{_LM1B_DIR}/training-monolingual.tokenized.shuffled/news.en-00002-of-00100": [
+            "  Padded line  ",
+        ],
+        f"{_LM1B_DIR}/heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050": [
+            "Held out .",
+        ],
+    },
+}
+# TFDS's lm1b strips each line (str.strip: also U+2028 at the ends, not inside).
+LM1B_TEXT = {
+    "train": {"The cat sat .", "Ünïcödé \u2028 text", "Padded line"},
+    "test": {"Held out ."},
+}
+
+
 def _tgz(files):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
@@ -224,7 +250,7 @@ def _tgz(files):
 def fake_statmt(monkeypatch):
     """An HTTP proxy on localhost that answers the WMT14 URLs with small archives, so the
     unmodified TFDS download -> extract -> prepare path runs with no network."""
-    archives = {url: _tgz(files) for url, files in FAKE_WMT14.items()}
+    archives = {url: _tgz(files) for url, files in {**FAKE_WMT14, **FAKE_LM1B}.items()}
     requested = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -273,6 +299,80 @@ def test_wmt14_prepared_offline_and_read_both_ways(tmp_path, fake_statmt, monkey
         assert {(e["target"], e["source"]) for e in _read_all(de_en)} == expected
 
 
+def test_lm1b_prepared_offline_and_read(tmp_path, fake_statmt, monkeypatch):
+    builder_cls = tfds.builder_cls(sources.LM1B)
+    module = sys.modules[builder_cls.__module__]
+    tf_before = module.tf  # TFDS's lazy TensorFlow, which fails here; a shim globs meanwhile
+    monkeypatch.setattr(tfds_checksums, "get_all_url_infos", dict)
+    monkeypatch.setattr(builder_cls, "url_infos", {})
+    path = sources.prepare_lm1b(tmp_path / "data", download_dir=tmp_path / "dl")
+    assert sorted(fake_statmt) == sorted(FAKE_LM1B)
+    assert path == tmp_path / "data" / "lm1b" / "1.1.0"
+    assert sources.split_names("lm1b", tmp_path / "data", text=True) == ("train", "test")
+    for split, expected in LM1B_TEXT.items():
+        source = sources.load_text_source("lm1b", split, data_dir=tmp_path / "data")
+        texts = [source[i]["text"] for i in range(len(source))]
+        assert len(texts) == len(expected) and set(texts) == expected
+    assert module.tf is tf_before  # the shim is gone
+
+
+def test_text_source_reads_and_pickles(tmp_path):
+    _write(tmp_path / "t.txt", ["one", "", "two \u2028 three", "  "])
+    sources.prepare_text_corpus({"train": tmp_path / "t.txt"}, data_dir=tmp_path, name="toy_t")
+    train = sources.load_text_source("toy_t", "train", data_dir=tmp_path)
+    assert list(train) == [{"text": "one"}, {"text": "two \u2028 three"}]
+    assert train.__getitems__([1, 0]) == [train[1], train[0]]
+    assert list(pickle.loads(pickle.dumps(train))) == list(train)
+    with pytest.raises(IndexError, match="index 2 out of range for 2"):
+        train[2]
+    with pytest.raises(FileExistsError, match="already prepared"):
+        sources.prepare_text_corpus({"train": tmp_path / "t.txt"}, data_dir=tmp_path, name="toy_t")
+
+
+@pytest.mark.parametrize(
+    ("data", "paragraphs", "expected"),
+    [
+        (b"a\n\nb\r\n", False, ["a", "b"]),
+        (b"\xef\xbb\xbfa\nb\n\nc", True, ["a\nb", "c"]),  # BOM dropped; no final newline
+        (b"a\rb\x0bc\n \t \nd", False, ["a\rb\x0bc", "d"]),  # only \n ends a line
+        (b"\n\na\n  \nb\nc\n\n", True, ["a", "b\nc"]),  # spaces-only line: blank
+        (b"\xef\xbb\xbf", False, []),
+    ],
+)
+def test_text_examples(tmp_path, data, paragraphs, expected):
+    (tmp_path / "t.txt").write_bytes(data)
+    assert list(sources.text_examples(tmp_path / "t.txt", paragraphs=paragraphs)) == expected
+
+
+def test_bad_text_files(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine\n", encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"fine\nfine\nnot \xc3\x28 fine\n")
+
+    def prepare(*files, paragraphs=False):
+        return sources.prepare_text_corpus(
+            {"train": [tmp_path / f for f in files]},
+            data_dir=tmp_path / "data",
+            name="bad_text",
+            paragraphs=paragraphs,
+        )
+
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'bad.txt'}, line 3: not valid UTF-8"):
+        prepare("ok.txt", "bad.txt", paragraphs=True)
+    with pytest.raises(FileNotFoundError, match=rf"text file {tmp_path / 'no.txt'} does not"):
+        prepare("ok.txt", "no.txt")
+    assert sources.read_text_file(tmp_path / "ok.txt") == [{"text": "fine"}]
+    (tmp_path / "blank.txt").write_bytes(b" \n\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'blank.txt'} holds no text"):
+        sources.read_text_file(tmp_path / "blank.txt")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'bad.txt'}, line 3: not valid UTF-8"):
+        sources.read_text_file(tmp_path / "bad.txt")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'no.txt'} does not exist"):
+        sources.read_text_file(tmp_path / "no.txt")
+    with pytest.raises(ValueError, match="give a text file or a list of them"):
+        sources.prepare_text_corpus({"train": []}, data_dir=tmp_path, name="bad_text")
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("direction", ["en-fr", "en_de", "en-en", "de-en-de", None])
 def test_wmt14_bad_direction(direction):
     with pytest.raises(ValueError, match="'en-de' or 'de-en'"):
@@ -288,8 +388,8 @@ def test_to_pair_maps_wmt_features():
 
 
 def test_no_tensorflow_needed(tmp_path):
-    """With `import tensorflow` made to fail, a corpus is prepared and read, and a .tgz
-    is extracted by TFDS's download manager."""
+    """With `import tensorflow` made to fail, a parallel and a text corpus are prepared and
+    read, and a .tgz is extracted by TFDS's download manager."""
     (tmp_path / "a.tgz").write_bytes(_tgz({"d/x.txt": ["hi"]}))
     script = textwrap.dedent(
         f"""
@@ -317,6 +417,10 @@ def test_no_tensorflow_needed(tmp_path):
         sources.prepare_local_corpus({{"train": data + "/c.tsv"}}, data_dir=data, name="no_tf")
         assert list(sources.load_source("no_tf", "train", data_dir=data)) == [
             {{"source": "a", "target": "A"}}
+        ]
+        sources.prepare_text_corpus({{"train": data + "/c.tsv"}}, data_dir=data, name="no_tf_t")
+        assert list(sources.load_text_source("no_tf_t", "train", data_dir=data)) == [
+            {{"text": "a\\tA"}}
         ]
         manager = tfds.download.DownloadManager(download_dir=data + "/dl")
         with sources._tf_free_extraction():

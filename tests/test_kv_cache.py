@@ -78,6 +78,38 @@ def test_lm_cached_logits_equal_full():
     _assert_equal_where_real(_steps(step, created["cache"], tokens), full, TARGETS)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 2, "positional": "rotary"}])
+def test_transformer_block_decode_equals_full(overrides):
+    """The encoder-decoder's cache takes blocks too: the first 3 target positions at once,
+    then one per call, give the full recompute's logits."""
+    cfg = TransformerConfig.tiny(vocab_size=30, max_len=16, **overrides)
+    model = Transformer(cfg)
+    params = model.init(jax.random.key(0), INPUTS, TARGETS)["params"]
+    full = model.apply({"params": params}, INPUTS, TARGETS)  # [B, T, V]
+    encoded = model.apply({"params": params}, INPUTS, method="encode")
+    _, created = model.apply(
+        {"params": params}, encoded, INPUTS, jnp.zeros_like(TARGETS), decode=True,
+        method="decode", mutable=["cache"],
+    )  # fmt: skip
+    fed = shift_right(TARGETS)
+    T = fed.shape[1]
+
+    def run(cache, tokens, start):
+        positions = jnp.broadcast_to(jnp.arange(start, start + tokens.shape[1]), tokens.shape)
+        logits, new = model.apply(
+            {"params": params, "cache": cache}, None, INPUTS, tokens, decode=True,
+            positions=positions, method="decode", mutable=["cache"],
+        )  # fmt: skip
+        return logits, new["cache"]
+
+    block, cache = run(created["cache"], fed[:, :3], 0)
+    out = [block]
+    for t in range(3, T):
+        logits, cache = run(cache, fed[:, t : t + 1], t)
+        out.append(logits)
+    _assert_equal_where_real(jnp.concatenate(out, axis=1), full, TARGETS)
+
+
 def test_cache_layout_leads_with_batch():
     """Every cache leaf leads with B (beam search reorders rows with one gather); the
     cross-attention cache holds the encoder's projected keys [B, S, N, H]."""
@@ -94,6 +126,22 @@ def test_cache_layout_leads_with_batch():
     assert layer["self_attention"]["cache_index"].shape == (2,)
     assert layer["cross_attention"]["cached_key"].shape == (2, 5, 4, 8)
     assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(created["cache"]))
+
+
+def test_gqa_cache_stores_kv_heads():
+    """Grouped-query attention's memory saving: the caches hold K key/value heads."""
+    cfg = TransformerConfig.tiny(vocab_size=30, max_len=16, num_kv_heads=1)
+    model = Transformer(cfg)
+    params = model.init(jax.random.key(0), INPUTS, TARGETS)["params"]
+    encoded = model.apply({"params": params}, INPUTS, method="encode")
+    _, created = model.apply(
+        {"params": params}, encoded, INPUTS, jnp.zeros((2, 7), jnp.int32), decode=True,
+        method="decode", mutable=["cache"],
+    )  # fmt: skip
+    layer = created["cache"]["decoder"]["layer_0"]
+    assert layer["self_attention"]["cached_key"].shape == (2, 7, 1, 8)
+    assert layer["self_attention"]["cached_value"].shape == (2, 7, 1, 8)
+    assert layer["cross_attention"]["cached_key"].shape == (2, 5, 1, 8)
 
 
 def test_decode_step_without_encoder_output_needs_decode():

@@ -77,6 +77,8 @@ def test_missing_file_is_one_clean_line(tmp_path, corpus_files):
         (["--dataset=local", "--train=a.en,a.de"], "--name"),
         (["--dataset=local", "--name=mycorp", "--train=a.en,a.de,a.fr"], "SOURCE_FILE"),
         (["--dataset=toy_translation", "--train=a.en,a.de"], "--train"),
+        (["--dataset=local_text", "--name=mytext", "--train=a.en"], "--validation=FILE"),
+        (["--dataset=lm1b", "--paragraphs"], "--paragraphs only goes with"),
         (["--dataset=local", "--name=Bad-Name", "--train=a.en,a.de"], "lower_snake_case"),
         (["--dataset=local", "--name=mycorp", "--train=a.en,a.de", "--vocab_size=9999"],
          "at most"),

@@ -45,8 +45,12 @@ def test_transformer_flops_match_xla_cost_analysis():
     assert counted == pytest.approx(_xla_flops(jax.grad(loss), params), rel=0.03)
 
 
-def test_lm_flops_match_xla_cost_analysis():
-    model, (b, t) = TransformerLM(CFG), (4, 64)
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_kv_heads": 1, "feed_forward": "swiglu"}], ids=["paper", "mqa-swiglu"]
+)
+def test_lm_flops_match_xla_cost_analysis(overrides):
+    cfg = CFG.replace(**overrides)
+    model, (b, t) = TransformerLM(cfg), (4, 64)
     tokens = jnp.full((b, t), 3)
     params = model.init(jax.random.key(0), tokens)["params"]
 
@@ -54,7 +58,7 @@ def test_lm_flops_match_xla_cost_analysis():
         logits = model.apply({"params": p}, tokens)  # [B, T, V]
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
 
-    counted = flops.lm_train_flops(CFG, tokens=b * t, seq_len=t)
+    counted = flops.lm_train_flops(cfg, tokens=b * t, seq_len=t)
     assert counted == pytest.approx(_xla_flops(jax.grad(loss), params), rel=0.03)
 
 

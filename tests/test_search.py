@@ -433,6 +433,50 @@ def test_sample_under_jit_equals_eager():
     np.testing.assert_array_equal(run(table.cache([0, 1]), key, no_prompt, 0.0, 0.9), greedy)
 
 
+def _prefix_step_fn(table):
+    """A Table step function that also takes per-row steps [N] and hashes only the prefix
+    up to each row's step (slots after it may hold a prefill's padding, as in the model's
+    cache), and a prefill that runs it position by position."""
+
+    def step_fn(tokens, cache, step):
+        N, T = cache["prefix"].shape
+        step = jnp.broadcast_to(step, (N,))
+        here = jnp.arange(T)[None, :] == step[:, None]  # [N, T]
+        prefix = jnp.where(here, tokens[:, None], cache["prefix"])
+        seen = jnp.where(jnp.arange(T)[None, :] <= step[:, None], prefix, 0)
+        h = jnp.sum(seen * jnp.asarray(table.weights)[None, :], axis=1) % M  # [N]
+        return jnp.asarray(table.table)[cache["row"], step, h], {**cache, "prefix": prefix}
+
+    def prefill_fn(tokens, cache):
+        out = []
+        for t in range(tokens.shape[1]):
+            logits, cache = step_fn(tokens[:, t], cache, jnp.int32(t))
+            out.append(logits)
+        return jnp.stack(out, axis=1), cache
+
+    return step_fn, prefill_fn
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.5, "top_k": 3, "top_p": 0.9}],
+    ids=["greedy", "t1", "all"],
+)
+def test_prefill_gives_the_ids_of_feeding_the_prompt(settings):
+    T, B = 9, 4
+    prompt = np.array([[2, 3, 2, 0], [3, 0, 0, 0], [2, 2, 3, 3], [0, 0, 0, 0]], np.int32)
+    table = Table(np.random.default_rng(12), B, T, eos_logit=-0.5)
+    step_fn, prefill_fn = _prefix_step_fn(table)
+    kw = dict(batch_size=B, max_length=T, prompt=prompt, **settings)
+    for key in range(3):
+        fed = _sample(step_fn, table.cache(range(B)), key, **kw)
+        pre = _sample(step_fn, table.cache(range(B)), key, prefill_fn=prefill_fn, **kw)
+        np.testing.assert_array_equal(pre, fed)
+        for b, n in enumerate([3, 1, 4, 0]):
+            np.testing.assert_array_equal(pre[b, :n], prompt[b, :n])
+            parse(pre[b], T)
+
+
 # ---- Bad arguments. ----
 
 _T = Table(np.random.default_rng(0), 2, 4)
@@ -450,6 +494,9 @@ def _gs(**kw):
 
 def _sa(**kw):
     return search.sample(_T.step_fn, _C, _KEY, **{"batch_size": 2, "max_length": 4, **kw})
+
+
+_PS = _prefix_step_fn(_T)[0]  # takes per-row steps, as sample with a prefill_fn needs
 
 
 def _wrong_logits(tokens, cache, step):
@@ -480,6 +527,22 @@ BAD = [
         "expected the prompt length P < max_length = 4",
     ),
     (lambda: _sa(prompt=np.zeros((3, 2), np.int32)), "expected an integer prompt [B, P]"),
+    (
+        lambda: search.sample(
+            _PS,
+            _C,
+            _KEY,
+            batch_size=2,
+            max_length=4,
+            prompt=np.zeros((2, 2), np.int32),
+            prefill_fn=lambda t, c: (t, c),
+        ),
+        "expected float logits [B, P + 1, V] = (2, 3, 4) from prefill_fn",
+    ),
+    (
+        lambda: search.sample(_PS, _C, _KEY, batch_size=2, max_length=4, prefill_fn=3),
+        "prefill_fn must be callable, got 3",
+    ),
     (
         lambda: search.greedy_search(_wrong_logits, _C, batch_size=2, max_length=4),
         "expected float logits [R = 2, V]",

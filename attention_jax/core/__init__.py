@@ -24,9 +24,11 @@ Imports point one way: ``attention`` -> ``dispatch``, ``blockwise``, ``kernels``
 
 Dimension legend, used in every docstring, shape comment and einsum string of the core:
 
-    B batch · T query length · S key/value length · N heads · H head dim of queries and
-    keys · Hv head dim of values (written E in einsum strings, which take one letter per
-    axis) · D model width (d_model) · G batch × heads, flattened.
+    B batch · T query length · S key/value length · N heads · K key/value heads
+    (grouped-query attention, as in jax.nn: K divides N, query head n uses key/value head
+    n // (N // K); K = N unless stated) · H head dim of queries and keys · Hv head dim of
+    values (written E in einsum strings, which take one letter per axis) · D model width
+    (d_model) · G batch × heads, flattened.
 
 V is kept for the vocabulary (the model's legend), so a value head dim never reads as V.
 """

@@ -71,11 +71,13 @@ def check_qkv_shapes(fn: str, q_shape, k_shape, v_shape, *, one_head=False, name
                      batch_legend="") -> None:  # fmt: skip
     """Query, key and value shapes that fit together.
 
-    Multi-head: ``[..., T, N, H]``, ``[..., S, N, H]``, ``[..., S, N, Hv]`` of one rank >= 3,
-    the same batch dims ``...`` and heads N. ``one_head``: ``[T, H]``, ``[S, H]``,
-    ``[S, Hv]`` (the rank is then the caller's check). ``v_shape`` None: query and key only.
-    ``names``: how the message calls q, k and v; ``batch_legend``: how it calls the batch
-    dims (e.g. ``' [...]'``).
+    Multi-head: ``[..., T, N, H]``, ``[..., S, K, H]``, ``[..., S, K, Hv]`` of one rank >= 3,
+    the same batch dims ``...``, key and value with the same heads K, and K dividing the
+    query heads N (grouped-query attention, as ``jax.nn.dot_product_attention``: query head
+    n uses key/value head ``n // (N // K)``; K = N is plain multi-head, K = 1 multi-query).
+    ``one_head``: ``[T, H]``, ``[S, H]``, ``[S, Hv]`` (the rank is then the caller's check).
+    ``v_shape`` None: query and key only. ``names``: how the message calls q, k and v;
+    ``batch_legend``: how it calls the batch dims (e.g. ``' [...]'``).
     """
     given = zip(names, (q_shape, k_shape, v_shape), strict=True)
     shapes = {nm: tuple(x) for nm, x in given if x is not None}
@@ -84,18 +86,25 @@ def check_qkv_shapes(fn: str, q_shape, k_shape, v_shape, *, one_head=False, name
     qkv = f"{q}, {k} and {v}" if len(shapes) == 3 else f"{q} and {k}"
     ranks = {len(x) for x in shapes.values()}
     if not one_head and (len(ranks) > 1 or min(ranks) < 3):
-        expected = f"{q} [..., T, N, H], {k} [..., S, N, H]"
-        expected += f", {v} [..., S, N, Hv]" if len(shapes) == 3 else ""
+        expected = f"{q} [..., T, N, H], {k} [..., S, K, H]"
+        expected += f", {v} [..., S, K, Hv]" if len(shapes) == 3 else ""
         raise ValueError(f"{fn}: expected {expected} of the same rank >= 3, got {got}")
     batch = 0 if one_head else len(q_shape) - 3
     if len({x[:batch] for x in shapes.values()}) > 1:
         raise ValueError(f"{fn}: {qkv} need the same batch dims{batch_legend}, got {got}")
-    if not one_head and len({x[-2] for x in shapes.values()}) > 1:
-        raise ValueError(
-            f"{fn}: {qkv} need the same number of heads N (layout [..., T|S, N, H]), got "
-            f"{got}; grouped-query attention (key/value heads K != N) is not supported, "
-            "repeat the key and value heads to N (jnp.repeat(x, N // K, axis=-2))"
-        )
+    if not one_head:
+        if v_shape is not None and k_shape[-2] != v_shape[-2]:
+            raise ValueError(
+                f"{fn}: {k} and {v} need the same number of key/value heads K (layout "
+                f"[..., S, K, H]), got {k} {shapes[k]}, {v} {shapes[v]}"
+            )
+        N, K = q_shape[-2], k_shape[-2]
+        if K and N % K:  # (K = 0: the empty-dimension error below)
+            raise ValueError(
+                f"{fn}: the key/value heads K must divide the query heads N (grouped-query "
+                f"attention: query head n uses key/value head n // (N // K)), got N={N} "
+                f"from {q} {shapes[q]} and K={K} from {k} {shapes[k]}"
+            )
     if q_shape[-1] != k_shape[-1]:
         raise ValueError(f"{fn}: {q} and {k} need the same head dim H (last axis), got {got}")
     s_axis = 0 if one_head else -3

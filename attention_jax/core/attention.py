@@ -194,7 +194,10 @@ def _attend(q, k, v, mask, bias, keep, *, scale, precision, dot_general):
     attention dropout, matmul precision, flax's ``einsum_dot_general``, the residual.
 
     Args:
-      q: ``[T, H]``; k: ``[S, H]``; v: ``[S, Hv]``.
+      q: ``[T, H]``; k: ``[S, H]``; v: ``[S, Hv]``. Or, grouped-query, all heads at once:
+        q ``[*b, K, R, T, H]`` (the R = N // K query heads sharing each key/value head),
+        k ``[*b, K, S, H]``, v ``[*b, K, S, Hv]``; mask, bias, keep and the results then
+        have the dims ``[*b, K, R]`` in front.
       mask: bool broadcastable to ``[T, S]`` (True = attend), or None.
       bias: float broadcastable to ``[T, S]``, added to the scaled scores, or None.
       keep: float ``[T, S]`` dropout multiplier (0 or 1/keep_prob), or None.
@@ -207,11 +210,15 @@ def _attend(q, k, v, mask, bias, keep, *, scale, precision, dot_general):
     mm = dict(precision=precision, preferred_element_type=_acc_dtype(q))
     if dot_general is not None:
         mm["_dot_general"] = dot_general
-    scores = jnp.einsum("TH,SH->TS", q, k, **mm)  # 1. [T, S]
+    if q.ndim > k.ndim:  # grouped-query: q [..., R, T, H], k [..., S, H], v [..., S, Hv]
+        qk, av = "...RTH,...SH->...RTS", "...RTS,...SE->...RTE"
+    else:
+        qk, av = "TH,SH->TS", "TS,SE->TE"
+    scores = jnp.einsum(qk, q, k, **mm)  # 1. [T, S]
     logits = _add_bias(scores * scale, bias)  # 2. [T, S]
     weights, lse = masked_softmax(logits, mask, return_lse=True)  # 3. [T, S], [T]
     dropped = weights if keep is None else weights * keep
-    out = jnp.einsum("TS,SE->TE", dropped.astype(v.dtype), v, **mm)  # 4. [T, Hv]
+    out = jnp.einsum(av, dropped.astype(v.dtype), v, **mm)  # 4. [T, Hv]
     return out, lse, weights
 
 
@@ -252,15 +259,22 @@ def dot_product_attention(
     Takes every argument of ``flax.linen.dot_product_attention`` (same positions, same
     meaning), so it can be passed as ``attention_fn`` to ``flax.linen``'s and ``flax.nnx``'s
     ``MultiHeadAttention`` (which hand it ``module`` when ``sow_weights=True``; the weights
-    are then sown into ``intermediates``), and every keyword argument of
-    ``jax.nn.dot_product_attention`` except grouped-query heads (key/value heads K != N).
-    One deliberate difference from both: a query that sees no key at all gets a zero output
-    (they average the values).
+    are then sown into ``intermediates``), and every argument of
+    ``jax.nn.dot_product_attention``, grouped-query heads included. One deliberate
+    difference from both: a query that sees no key at all gets a zero output (they average
+    the values).
+
+    Grouped-query / multi-query attention: key and value may have K heads for the N query
+    heads, K dividing N; query head n then uses key/value head ``n // (N // K)`` (jax.nn's
+    grouping: the N query heads are K groups of G = N // K consecutive heads), which is
+    ``jnp.repeat(key, N // K, axis=-2)`` without the repeat: no implementation copies k
+    or v N // K times except the Pallas kernels (see :mod:`attention_jax.core.kernels`),
+    and the gradients with respect to key and value sum over each group.
 
     Args:
       query: ``[..., T, N, H]``.
-      key: ``[..., S, N, H]``.
-      value: ``[..., S, N, Hv]``.
+      key: ``[..., S, K, H]``, K = N (multi-head), K | N (grouped-query) or 1 (multi-query).
+      value: ``[..., S, K, Hv]``.
       bias: optional float, broadcastable to ``[..., N, T, S]``, added to the scaled scores.
       mask: optional, broadcastable to ``[..., N, T, S]``; True = attend. Any dtype: as in
         flax, nonzero = attend (Flax's ``make_causal_mask`` gives float32 0/1).
@@ -295,8 +309,9 @@ def dot_product_attention(
       return_residual: also return the log-sum-exp of each row's scaled logits,
         ``[..., T, N]`` in ``dtype`` with its gradient stopped, as jax.nn (``NEG`` =
         -0.7·float32 max for a query that sees no key).
-      return_weights: also return the attention weights ``[..., N, T, S]`` (before dropout),
-        e.g. for visualisation (``'blockwise'`` recomputes them from its log-sum-exp).
+      return_weights: also return the attention weights ``[..., N, T, S]`` (before dropout;
+        N query heads also when K < N), e.g. for visualisation (``'blockwise'`` recomputes
+        them from its log-sum-exp).
 
     Returns:
       ``out [..., T, N, Hv]`` in ``dtype``; ``(out, weights)`` with ``return_weights``,
@@ -307,7 +322,7 @@ def dot_product_attention(
     dtype = _float_dtype(name, query, key, value, dtype)
     check_qkv_shapes(name, query.shape, key.shape, value.shape, batch_legend=" [...]")
     *batch, T, N, H = query.shape
-    S = key.shape[-3]
+    S, K = key.shape[-3], key.shape[-2]  # K key/value heads: N, or a divisor of N (GQA)
     target = (*batch, N, T, S)
     legend = "[..., N, T, S]"
     mask = _check_mask(name, mask, target, legend)
@@ -345,7 +360,7 @@ def dot_product_attention(
         return _kernel_path(impl, q, k, v, mask, bias, kv_lengths, is_causal=bool(is_causal),
                             scale=scale)  # fmt: skip
 
-    # Heads first: [..., T, N, H] -> [..., N, T, H].
+    # Heads first: [..., T, N, H] -> [..., N, T, H]; k, v: [..., S, K, H] -> [..., K, S, H].
     q, k, v = (jnp.swapaxes(x.astype(dtype), -3, -2) for x in (query, key, value))
     structural = _structural_mask(T, S, bool(is_causal), window, kv_lengths, q_lengths,
                                   len(target))  # fmt: skip
@@ -374,8 +389,11 @@ def dot_product_attention(
         weights = None
         if want_weights:  # exp(logits - lse): the normaliser from the blockwise pass
             full = structural if mask is None else _and(mask, structural)
-            scores = jnp.einsum("...TH,...SH->...TS", q, k, precision=precision,
+            qg = q.reshape(*batch, K, N // K, T, H)  # query heads in K groups of N // K
+            kg = k[..., None, :, :]  # [*b, K, 1, S, H]: broadcast over the group
+            scores = jnp.einsum("...TH,...SH->...TS", qg, kg, precision=precision,
                                 preferred_element_type=_acc_dtype(q))  # fmt: skip
+            scores = scores.reshape(*batch, N, T, S)  # from [*b, K, N // K, T, S]
             logits = _add_bias(scores * scale, bias)
             if full is not None:
                 logits = jnp.where(full, logits, NEG)
@@ -385,10 +403,21 @@ def dot_product_attention(
     else:
         if structural is not None:
             mask = structural if mask is None else jnp.logical_and(mask, structural)
+        group = N // K  # query heads per key/value head
+        if group > 1 and einsums is not None:  # flax's subscripts need N key/value heads
+            k, v = (jnp.repeat(x, group, axis=-3) for x in (k, v))  # [..., N, S, H|Hv]
+        elif group > 1:  # q [*b, K, group, T, H] against k, v [*b, K, 1, S, H], broadcast
+            q = q.reshape(*batch, K, group, T, H)
+            k, v = k[..., None, :, :], v[..., None, :, :]
+            mask, bias = (blockwise._split_heads(x, len(batch), K, group) for x in (mask, bias))
         out, lse, weights = _xla_path(
             q, k, v, mask, bias, dropout, dropout_rng, broadcast_dropout, scale=scale,
             precision=precision, dot_general=einsum_dot_general, einsums=einsums,
         )  # fmt: skip
+        if out.ndim > len(target):  # back from groups: [*b, K, G, ...] -> [*b, N, ...]
+            out = out.reshape(*batch, N, T, out.shape[-1])
+            lse = lse.reshape(*batch, N, T)
+            weights = weights.reshape(*batch, N, T, S)
     out = jnp.swapaxes(out, -3, -2).astype(dtype)  # [..., T, N, Hv]
     result = [out]
     if want_weights:
@@ -429,8 +458,8 @@ def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
     """A fused kernel on [B, T, N, H] (the batch dims flattened into one B)."""
     *batch, T, N, H = q.shape
     B = math.prod(batch)
-    S, Hv = k.shape[-3], v.shape[-1]
-    q, k, v = q.reshape(B, T, N, H), k.reshape(B, S, N, H), v.reshape(B, S, N, Hv)
+    S, K, Hv = k.shape[-3], k.shape[-2], v.shape[-1]
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, S, K, H), v.reshape(B, S, K, Hv)
 
     def flat(x):  # [*b|1, N|1, T|1, S|1] -> [B|1, N|1, T|1, S|1]
         if x is None:
@@ -476,6 +505,11 @@ def _xla_path(q, k, v, mask, bias, dropout, rng, broadcast_dropout, *, scale, pr
         return jnp.swapaxes(out, -3, -2), lse, weights
     one_head = functools.partial(_attend, scale=scale, precision=precision,
                                  dot_general=dot_general)  # fmt: skip
+    if k.shape[:-2] != lead:  # grouped-query: q [*b, K, R, T, H], k, v [*b, K, 1, S, H]
+        # One batched computation over all heads, each key/value head against its R query
+        # heads (as jax.nn does): XLA's CPU gradient of a vmap over the heads was ~2x slower
+        # here than with k and v repeated.
+        return one_head(q, k[..., 0, :, :], v[..., 0, :, :], mask, bias, keep)
     return _vmap_leading(one_head, (q, k, v, mask, bias, keep), lead)
 
 
@@ -512,22 +546,29 @@ def init_multi_head_attention(
     kv_features: int | None = None,
     use_bias: bool = True,
     dtype=jnp.float32,
+    num_kv_heads: int | None = None,
 ) -> dict:
     """Parameters for :func:`multi_head_attention`, laid out like Flax's
     ``MultiHeadDotProductAttention`` (so its params can be used directly).
 
     Kernels use LeCun-normal (truncated) over the fan-in, biases zeros, as Flax does.
+    ``num_kv_heads`` K (default N = ``num_heads``, the paper's) gives the key and value
+    projections K heads of the same head dim, K dividing N: grouped-query attention (K = 1:
+    multi-query). The layout for the default is unchanged.
 
     Returns:
-      ``{'query'|'key'|'value': {'kernel': [D, N, H], 'bias': [N, H]},
-      'out': {'kernel': [N, H, Dout], 'bias': [Dout]}}`` (no 'bias' when ``use_bias=False``).
+      ``{'query': {'kernel': [D, N, H], 'bias': [N, H]}, 'key'|'value': {'kernel':
+      [Dkv, K, H], 'bias': [K, H]}, 'out': {'kernel': [N, H, Dout], 'bias': [Dout]}}``
+      (no 'bias' when ``use_bias=False``).
     """
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
     kv_features = in_features if kv_features is None else kv_features
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     for nm, val in (
         ("in_features", in_features),
         ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
         ("qkv_features", qkv_features),
         ("out_features", out_features),
         ("kv_features", kv_features),
@@ -538,6 +579,7 @@ def init_multi_head_attention(
             f"init_multi_head_attention: num_heads={num_heads} must divide the attention "
             f"width qkv_features={qkv_features} (d_model)"
         )
+    _check_kv_heads("init_multi_head_attention", num_heads, num_kv_heads)
     head_dim = qkv_features // num_heads
     proj_init = jax.nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)
@@ -548,13 +590,13 @@ def init_multi_head_attention(
     kq, kk, kv, ko = jax.random.split(rng, 4)
     params = {
         "query": {"kernel": proj_init(kq, (in_features, num_heads, head_dim), dtype)},
-        "key": {"kernel": proj_init(kk, (kv_features, num_heads, head_dim), dtype)},
-        "value": {"kernel": proj_init(kv, (kv_features, num_heads, head_dim), dtype)},
+        "key": {"kernel": proj_init(kk, (kv_features, num_kv_heads, head_dim), dtype)},
+        "value": {"kernel": proj_init(kv, (kv_features, num_kv_heads, head_dim), dtype)},
         "out": {"kernel": out_init(ko, (num_heads, head_dim, out_features), dtype)},
     }
     if use_bias:
-        for nm in ("query", "key", "value"):
-            params[nm]["bias"] = jnp.zeros((num_heads, head_dim), dtype)
+        for nm, heads in (("query", num_heads), ("key", num_kv_heads), ("value", num_kv_heads)):
+            params[nm]["bias"] = jnp.zeros((heads, head_dim), dtype)
         params["out"]["bias"] = jnp.zeros((out_features,), dtype)
     return params
 
@@ -578,6 +620,7 @@ def multi_head_attention(
     key_positions=None,
     is_causal: bool = False,
     key_value_seq_lengths=None,
+    num_kv_heads: int | None = None,
 ):
     """MultiHead(Q, K, V) = Concat(head_1..head_N)·W_O with head_i = Attention(Q·W_Qi, K·W_Ki,
     V·W_Vi), as a pure function of a params pytree (see :func:`init_multi_head_attention`).
@@ -587,6 +630,8 @@ def multi_head_attention(
       inputs_q: ``[..., T, D]``.
       inputs_kv: ``[..., S, Dkv]`` (default: ``inputs_q``, i.e. self-attention).
       num_heads: N; must match the params.
+      num_kv_heads: K, the key/value heads (default N); must match the params' key and
+        value kernels ``[Dkv, K, H]``. K < N (dividing N) is grouped-query attention.
       mask, bias, dropout_*, deterministic, dtype, precision, implementation,
       return_weights, is_causal, key_value_seq_lengths: as in :func:`dot_product_attention`.
       query_positions, key_positions: integer ``[..., T]`` and ``[..., S]``; when given, the
@@ -599,7 +644,7 @@ def multi_head_attention(
     name = "multi_head_attention"
     inputs_q = jnp.asarray(inputs_q)
     inputs_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
-    _check_mha_params(name, params, num_heads, inputs_q, inputs_kv)
+    _check_mha_params(name, params, num_heads, num_kv_heads, inputs_q, inputs_kv)
     if dtype is None:
         dtype = jnp.result_type(inputs_q, inputs_kv, *jax.tree.leaves(params))
     q = project_heads(params["query"], inputs_q, dtype=dtype, precision=precision)  # [...TNH]
@@ -764,7 +809,15 @@ def _check_dropout(name, rate, deterministic, rng) -> float:
     return float(rate)
 
 
-def _check_mha_params(name, params, num_heads, inputs_q, inputs_kv):
+def _check_kv_heads(name, num_heads, num_kv_heads):
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"{name}: num_kv_heads={num_kv_heads} must divide num_heads={num_heads} "
+            "(grouped-query attention: query head n uses key/value head n // (N // K))"
+        )
+
+
+def _check_mha_params(name, params, num_heads, num_kv_heads, inputs_q, inputs_kv):
     for nm in ("query", "key", "value", "out"):
         if not isinstance(params, dict) or nm not in params or "kernel" not in params[nm]:
             raise ValueError(
@@ -781,7 +834,15 @@ def _check_mha_params(name, params, num_heads, inputs_q, inputs_kv):
         raise ValueError(
             f"{name}: inputs_q must be [..., T, D={qk.shape[0]}], got {inputs_q.shape}"
         )
-    kk = params["key"]["kernel"]
+    K = num_heads if num_kv_heads is None else positive_int(name, "num_kv_heads", num_kv_heads)
+    _check_kv_heads(name, num_heads, K)
+    kk, vk = params["key"]["kernel"], params["value"]["kernel"]
+    if kk.ndim != 3 or vk.ndim != 3 or kk.shape[1] != K or vk.shape[1] != K:
+        raise ValueError(
+            f"{name}: the key and value kernels must be [Dkv, K={K}, H] (num_kv_heads={K}: "
+            f"the same number of heads N={num_heads} as the query unless num_kv_heads is "
+            f"given), got key {kk.shape}, value {vk.shape}"
+        )
     if inputs_kv.ndim != inputs_q.ndim or inputs_kv.shape[-1] != kk.shape[0]:
         raise ValueError(
             f"{name}: inputs_kv must be [..., S, D={kk.shape[0]}] with the rank of inputs_q "

@@ -44,6 +44,12 @@ and its tiles outside the band are skipped too.
   (``AxisType.Explicit``) are ``vmap``-ped rather than ``lax.map``-ped, since ``lax.map``
   cannot scan over a sharded axis.
 
+* **Grouped-query heads.** k and v may have K heads for q's N (K dividing N, query head n
+  using key/value head ``n // (N // K)``, as jax.nn): the map then runs over the key/value
+  heads, each step taking one head's k and v and the N // K query heads that share them
+  (vmapped, or mapped when more than a step's budget), so k and v are never repeated and
+  their gradients sum over the group.
+
 Heads run in groups (``lax.map`` with ``batch_size``: vmapped inside a group, groups in
 sequence) sized so one group's float32 tiles fit a per-backend budget: on CPU about the L2
 cache, which is also what makes this faster than dense XLA attention there (BUILD_NOTES.md).
@@ -472,7 +478,11 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
     ``implementation='blockwise'`` for the checked ``[..., T, N, H]`` interface).
 
     Args:
-      q: ``[*lead, T, H]``; k: ``[*lead, S, H]``; v: ``[*lead, S, Hv]``, lead = (*batch, N).
+      q: ``[*lead, T, H]``, lead = (*batch, N); k: ``[*batch, K, S, H]``; v:
+        ``[*batch, K, S, Hv]``. K = N is plain multi-head; K < N (dividing N) is
+        grouped-query attention: query head n uses key/value head ``n // (N // K)`` (as
+        ``jax.nn.dot_product_attention``), without repeating k and v in memory (the N // K
+        query heads of a group run against one key/value head; its gradient sums over them).
       mask: bool ``[*lead|1, T|1, S|1]`` (True = attend) or None.
       bias: float ``[*lead|1, T|1, S|1]`` added to the scaled scores, or None.
       scale: the logit scale, normally ``1/√H``.
@@ -498,18 +508,42 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
         None if x is None else jnp.asarray(x) for x in (mask, bias, kv_lengths)
     )
     T, S = q.shape[-2], k.shape[-2]
+    lead = q.shape[:-2]
+    group = 1
+    if k.shape[:-2] != lead:  # grouped-query: heads (*b, N) -> (*b, K, group), k/v (*b, K, 1)
+        K = k.shape[-3]
+        group = lead[-1] // K
+        q = q.reshape(*lead[:-1], K, group, T, q.shape[-1])  # [*b, K, G, T, H]
+        k, v = k[..., None, :, :], v[..., None, :, :]  # [*b, K, 1, S, H|Hv]
+        mask, bias = (_split_heads(x, len(lead) - 1, K, group) for x in (mask, bias))
+        kv_lengths = _split_heads(kv_lengths, len(lead) - 1, K, group)
     plan = default_plan(T, S, scale=scale, causal=is_causal, dropout_rate=dropout_rate,
                         precision=precision, window=local_window, autodiff=autodiff,
                         query_block=query_block, key_block=key_block)  # fmt: skip
     rng = dropout_rng if dropout_rate else None
     out, lse = _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, bool(broadcast_dropout))
+    if group > 1:  # [*b, K, group, T, Hv] -> [*b, N, T, Hv]
+        out, lse = out.reshape(*lead, T, out.shape[-1]), lse.reshape(*lead, T)
     return (out, lse) if return_lse else out
+
+
+def _split_heads(x, axis, K, group):
+    """Splits the heads axis ``axis`` of x (N = K·group, or a broadcast 1) into
+    (K, group) (or (1, 1))."""
+    if x is None:
+        return None
+    split = (K, group) if x.shape[axis] != 1 else (1, 1)
+    return x.reshape(*x.shape[:axis], *split, *x.shape[axis + 1 :])
 
 
 def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
     """The head map. Lead dims that are explicitly sharded (``AxisType.Explicit`` meshes) are
     vmapped, one at a time (``lax.map`` cannot scan over a sharded axis); the rest are
-    flattened and run in groups of :func:`heads_per_step` heads."""
+    flattened and run in groups of :func:`heads_per_step` heads.
+
+    k and v have q's lead dims, or (grouped-query) the same with the last one 1: then each
+    key/value head serves the ``lead[-1]`` query heads of its group, which run together
+    against it (k and v are never repeated)."""
     lead = q.shape[:-2]
     d = _explicitly_sharded_dim(len(lead), q, k, v, mask, bias, kv_lengths)
     if d is not None:
@@ -526,7 +560,6 @@ def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
         return fn(*args, rngs)
     T, H, S, Hv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     G = math.prod(lead)
-    qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, Hv)
     mask_flat, mask_idx = _flatten_lead(mask, lead)
     bias_flat, bias_idx = _flatten_lead(bias, lead)
     len_flat, len_idx = _flatten_lead(kv_lengths, lead)
@@ -541,12 +574,38 @@ def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
             r1 = rng if broadcast_dropout else jax.random.fold_in(rng, g)
         return _one_head(plan, q1, k1, v1, m1, b1, n1, r1)
 
-    if G == 1:
-        out, lse = head((0, qg[0], kg[0], vg[0]))
+    per_step = heads_per_step(plan, G)
+    group = 1 if k.shape[:-2] == lead else lead[-1]
+    if group == 1:
+        qg, kg, vg = q.reshape(G, T, H), k.reshape(G, S, H), v.reshape(G, S, Hv)
+        if G == 1:
+            out, lse = head((0, qg[0], kg[0], vg[0]))
+            out, lse = out[None], lse[None]
+        else:
+            out, lse = lax.map(head, (jnp.arange(G), qg, kg, vg), batch_size=per_step)
+        return out.reshape(*lead, T, Hv), lse.reshape(*lead, T)
+
+    KV = G // group  # key/value heads (times batch)
+    qg = q.reshape(KV, group, T, H)
+    kg, vg = k.reshape(KV, S, H), v.reshape(KV, S, Hv)
+
+    def kv_head(xs):  # one key/value head and the `group` query heads that share it
+        c, qs, k1, v1 = xs  # [], [group, T, H], [S, H], [S, Hv]
+
+        def query_head(j, q1):  # k1, v1 shared: their cotangents sum over the group
+            return head((c * group + j, q1, k1, v1))
+
+        js = jnp.arange(group)
+        if group <= per_step:
+            return jax.vmap(query_head)(js, qs)
+        return lax.map(lambda a: query_head(*a), (js, qs), batch_size=per_step)
+
+    if KV == 1:
+        out, lse = kv_head((0, qg[0], kg[0], vg[0]))
         out, lse = out[None], lse[None]
     else:
-        xs = (jnp.arange(G), qg, kg, vg)
-        out, lse = lax.map(head, xs, batch_size=heads_per_step(plan, G))
+        xs = (jnp.arange(KV), qg, kg, vg)
+        out, lse = lax.map(kv_head, xs, batch_size=max(1, per_step // group))
     return out.reshape(*lead, T, Hv), lse.reshape(*lead, T)
 
 

@@ -288,8 +288,9 @@ def unsupported_reason(
 
     Args:
       implementation: ``'cudnn'`` or ``'pallas'``.
-      q_shape, k_shape, v_shape: ``[..., T, N, H]``, ``[..., S, N, H]``, ``[..., S, N, Hv]``
-        (any batch dims, the same for all three).
+      q_shape, k_shape, v_shape: ``[..., T, N, H]``, ``[..., S, K, H]``, ``[..., S, K, Hv]``
+        (any batch dims, the same for all three; K = N or a divisor of it: grouped-query
+        heads, which cuDNN takes natively and the Pallas wrapper by repeating k and v).
       dtype: the dtype the kernel would run in (q, k and v share it).
       has_mask, has_bias, is_causal, has_lengths: which of mask, bias, ``is_causal`` and
         ``key_value_seq_lengths`` the call uses.
@@ -355,7 +356,8 @@ def pallas_variant(
 
 
 def _dims(name, q_shape, k_shape, v_shape):
-    """(T, S, N, H, Hv) from ``[..., T, N, H]``, ``[..., S, N, H]``, ``[..., S, N, Hv]``."""
+    """(T, S, N, H, Hv) from ``[..., T, N, H]``, ``[..., S, K, H]``, ``[..., S, K, Hv]``
+    (K only has to divide N: no kernel limit here depends on it)."""
     q_shape, k_shape, v_shape = (tuple(int(d) for d in s) for s in (q_shape, k_shape, v_shape))
     check_qkv_shapes(name, q_shape, k_shape, v_shape, names=("q", "k", "v"))
     (T, N, H), S, Hv = q_shape[-3:], k_shape[-3], v_shape[-1]

@@ -4,8 +4,12 @@ Legend as in :mod:`attention_jax.core`, plus the padded sizes the kernels see: T
 (T, S padded to block multiples), P (T and S padded to one common length, Triton), Hp (one
 head dim for q, k and v; Hqk that of q and k before Triton's mask column).
 
-Every function takes ``q [B, T, N, H]``, ``k [B, S, N, H]``, ``v [B, S, N, Hv]`` (one batch
-dim; the caller flattens the others) and returns ``out [B, T, N, Hv]`` in q's dtype. All
+Every function takes ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]`` (one batch
+dim; the caller flattens the others; K = N, or K dividing N for grouped-query attention,
+query head n using key/value head ``n // (N // K)`` as in jax.nn) and returns
+``out [B, T, N, Hv]`` in q's dtype. cuDNN takes K < N natively; the Pallas kernels take one
+head count, so :func:`pallas_attention` repeats k and v to N heads first (an N // K times
+larger copy of k and v; the gradient of the repeat sums over each group). All
 compose with ``jax.jit`` and ``jax.grad`` (the kernels bring their own custom VJPs; forward
 mode is not defined through them). ``scale`` is a Python float (the kernels take it as a
 static parameter). A query row that sees no key at all (``key_value_seq_lengths`` 0, or a
@@ -82,8 +86,8 @@ def cudnn_attention(
     """cuDNN flash attention: ``jax.nn.dot_product_attention(..., implementation='cudnn')``.
 
     Args:
-      q: ``[B, T, N, H]``; k: ``[B, S, N, H]``; v: ``[B, S, N, H]`` (cuDNN through jax
-        needs Hv == H), all float16 or bfloat16.
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, H]`` (cuDNN through jax
+        needs Hv == H; K = N, or K | N for grouped-query heads), all float16 or bfloat16.
       bias: optional float, broadcastable to ``[B, N, T, S]``; added to the scaled scores.
       mask: optional bool, broadcastable to ``[B, N, T, S]``; True = attend.
       is_causal: query t attends keys s <= t (top-left aligned when T != S).
@@ -183,10 +187,12 @@ def pallas_attention(
       kernel's separate kv ``segment_ids``, which also carry ``key_value_seq_lengths``.
 
     Hv != H ('triton', 'tpu') is handled by zero-padding the narrower head dim: the kernels
-    take one head dim Hp for q, k and v.
+    take one head dim Hp for q, k and v. Grouped-query k and v (K < N heads) are repeated
+    to N heads (``jnp.repeat(k, N // K, axis=2)``): the kernels take one head count.
 
     Args:
-      q: ``[B, T, N, H]``; k: ``[B, S, N, H]``; v: ``[B, S, N, Hv]``; one floating dtype.
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]`` (K = N, or K | N);
+        one floating dtype.
       is_causal: query t attends keys s <= t (top-left aligned when T != S).
       key_value_seq_lengths: optional int ``[B]``: keys at or past the length are masked.
       scale: the score scale (a Python float), usually ``1/√H``.
@@ -218,6 +224,8 @@ def pallas_attention(
     )  # fmt: skip
     if reason is not None:
         raise NotImplementedError(f"{name}: {reason}")
+    if k.shape[2] != N:  # grouped-query: the kernels take N heads for q, k and v alike
+        k, v = (jnp.repeat(x, N // k.shape[2], axis=2) for x in (k, v))  # [B, S, N, H|Hv]
     call = dict(is_causal=is_causal, scale=scale, block_q=block_q, block_k=block_k)
     if chosen == "triton":
         out = _triton_attention(name, q, k, v, lengths, interpret=bool(interpret), **call)
@@ -435,7 +443,7 @@ def _check_call(name, q, k, v, lengths, scale):
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     if not (q.ndim == k.ndim == v.ndim == 4):
         raise ValueError(
-            f"{name}: expected q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv], got q {q.shape}, "
+            f"{name}: expected q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], got q {q.shape}, "
             f"k {k.shape}, v {v.shape}"
         )
     check_qkv_shapes(name, q.shape, k.shape, v.shape, names=("q", "k", "v"))

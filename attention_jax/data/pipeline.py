@@ -44,6 +44,11 @@ through them, so a batch can hold the last examples of one epoch and the first o
 
 Evaluation (`eval_batches`) is unpacked and keeps everything: every example of the split
 (this process's share), in file order, right-padded, truncated to ``max_length`` when longer.
+
+Language modelling (`lm_train_dataset`, `lm_eval_batches`): the same stages on text
+examples ``{'text': str}``, one side (``targets``) plus ``targets_bytes``, the UTF-8 bytes
+each token stands for, from which `language_model_scores` gives bits per byte; long
+examples are cut into pieces instead of dropped or truncated (see the section below).
 """
 
 from __future__ import annotations
@@ -452,12 +457,288 @@ def eval_batches(
     return EvalSplit(batches, sources, references, indices, truncated)
 
 
+# ----------------------------------------------------------------- language modelling
+#
+# A text example is ``{'text': str}``; its tokens are ``encode(text) + [EOS]``, so the model
+# learns where an example (a line, a paragraph) ends. Bytes: each token carries the number
+# of UTF-8 bytes of the text it stands for (`Tokenizer.encode_with_bytes`), and EOS one byte,
+# for the newline that ends the example in its file (plus any bytes the tokenizer dropped,
+# none for this package's vocabularies). So an example of text t carries
+# ``len(t.encode('utf-8')) + 1`` bytes in all, and a split's bytes are the size of its text
+# written one example per line (for a line corpus without BOM or CRs: its file's size).
+# Bits per byte = (sum of the per-token NLL in nats) / ln 2 / (sum of those tokens' bytes):
+# `language_model_scores`.
+
+LM_BATCH_KEYS = ("targets", "targets_positions", "targets_segmentation", "targets_bytes")
+_LM_KEEP = {
+    "targets": "targets",
+    "targets_positions": "targets_positions",
+    "targets_segment_ids": "targets_segmentation",
+    "targets_bytes": "targets_bytes",
+}
+
+
+class TextTokenizer(Protocol):
+    """What the LM pipeline needs: ids of a text (without EOS, all > EOS_ID) and the UTF-8
+    bytes each id stands for."""
+
+    def encode_with_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _check_text_tokenizer(tokenizer: Any) -> None:
+    if not callable(getattr(tokenizer, "encode_with_bytes", None)):
+        raise ValueError(
+            f"tokenizer must have encode_with_bytes(text) -> (ids, bytes), got {type(tokenizer)}"
+        )
+
+
+def encode_text(tokenizer: TextTokenizer, text: str) -> dict[str, np.ndarray]:
+    """``{'targets': ids + [EOS], 'targets_bytes': bytes per token}``, int32 [n + 1] each;
+    the bytes sum to ``len(text.encode('utf-8')) + 1`` (EOS: 1 byte, the example's newline,
+    plus whatever the tokenizer's counts left out)."""
+    ids, counts = tokenizer.encode_with_bytes(text)
+    ids, counts = np.asarray(ids), np.asarray(counts)
+    if ids.ndim != 1 or counts.shape != ids.shape:
+        raise ValueError(
+            f"tokenizer.encode_with_bytes must return two 1-D arrays of one length, got "
+            f"{ids.shape} and {counts.shape} for {text!r}"
+        )
+    if ids.size and (ids.min() <= EOS_ID or counts.min() < 0):
+        raise ValueError(
+            f"tokenizer.encode_with_bytes gave a reserved id (PAD {PAD_ID} or EOS {EOS_ID}) or "
+            f"a negative byte count for {text!r}: {ids.tolist()}, {counts.tolist()}"
+        )
+    total = len(text.encode("utf-8"))
+    covered = int(counts.sum())
+    if covered > total:
+        raise ValueError(
+            f"tokenizer.encode_with_bytes counted {covered} bytes for {text!r}, which has {total}"
+        )
+    targets = np.append(ids, EOS_ID).astype(np.int32)
+    return {
+        "targets": targets,
+        "targets_bytes": np.append(counts, 1 + total - covered).astype(np.int32),
+    }
+
+
+def _encode_example(tokenizer: TextTokenizer, example: Mapping[str, str]) -> dict:
+    return encode_text(tokenizer, example["text"])
+
+
+def chunk_example(example: Mapping[str, np.ndarray], max_length: int) -> list[dict]:
+    """An encoded example cut into consecutive pieces of at most ``max_length`` tokens (one
+    piece when it fits). Each piece is packed as an example of its own (positions restart at
+    0; a piece after the first does not see the ones before it), so no token is dropped."""
+    n = len(example["targets"])
+    return [{k: v[i : i + max_length] for k, v in example.items()} for i in range(0, n, max_length)]
+
+
+class _Chunk(grain.experimental.FlatMapTransform):
+    max_fan_out = 1 << 20  # unused by IterDataset flat maps (no index arithmetic)
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+
+    def flat_map(self, element):
+        return chunk_example(element, self.max_length)
+
+
+def _lm_rename(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {new: batch[old] for old, new in _LM_KEEP.items()}
+
+
+def lm_train_dataset(
+    source: Any,
+    tokenizer: TextTokenizer,
+    *,
+    seed: int,
+    batch_size: int,
+    max_length: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 0,
+    prefetch: int = 2,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """Infinite packed language-model batches of this process's share of `source` (random
+    access to ``{'text': str}``).
+
+    Each element is a dict of numpy int32 arrays [batch_size, max_length], keys
+    `LM_BATCH_KEYS`: ``targets`` (tokens, each example ending in EOS; 0 = padding),
+    ``targets_positions``, ``targets_segmentation`` (as in `train_dataset`) and
+    ``targets_bytes`` (the UTF-8 bytes each token stands for; see above). Stages as in
+    `train_dataset` (shard, then shuffle with `shuffle_seed`, repeat, tokenize, first-fit
+    packing, batch, prefetch; the same state and resume guarantees), except that nothing is
+    dropped: an example longer than ``max_length`` tokens is cut into pieces
+    (`chunk_example`), and a resumed iterator continues inside a cut example exactly.
+    ``example_counts`` does not apply (there is no length filter).
+    """
+    process_index, process_count = _check_process(process_index, process_count)
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_length = check_int("max_length", max_length, 1)
+    num_threads = check_int("num_threads", num_threads, 0)
+    prefetch = check_int("prefetch", prefetch, 0)
+    worker_count = check_int("worker_count", worker_count, 0)
+    _check_text_tokenizer(tokenizer)
+    _check_source(source, process_index, process_count)
+
+    ds = shard_and_shuffle(
+        source, seed=seed, process_index=process_index, process_count=process_count
+    )
+    ds = ds.map(functools.partial(_encode_example, tokenizer))
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8 * batch_size)
+    ds = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), _Chunk(max_length))
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds,
+        length_struct={"targets": max_length, "targets_bytes": max_length},
+        num_packing_bins=batch_size,
+        shuffle_bins=False,
+    )
+    ds = ds.batch(batch_size, drop_remainder=True).map(_lm_rename)
+    if worker_count:
+        options = grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)
+        )
+        _unparsed_flags_workaround()
+        ds = ds.mp_prefetch(options)
+    elif prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
+
+
+@dataclasses.dataclass(frozen=True)
+class LMEvalSplit:
+    """One process's share of a text split, ready to score.
+
+    ``batches``: dicts with `LM_BATCH_KEYS` (int32 [B, max_length]) and ``valid`` (bool
+    [B]: False marks the all-zero rows that fill the last batches). ``num_examples``,
+    ``num_tokens`` (EOS included) and ``num_bytes`` (UTF-8 bytes + 1 per example) are the
+    share's totals, which the batches' tokens and ``targets_bytes`` sum to.
+    Iterating an LMEvalSplit iterates its batches.
+    """
+
+    batches: list[dict[str, np.ndarray]]
+    num_examples: int
+    num_tokens: int
+    num_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.batches)
+
+
+def lm_eval_batches(
+    source: Any,
+    tokenizer: TextTokenizer,
+    *,
+    batch_size: int,
+    max_length: int,
+    packed: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    limit: int | None = None,
+) -> LMEvalSplit:
+    """The first `limit` examples of `source` (all if None), this process's share
+    (``[process_index::process_count]``), in order, as evaluation batches that hold every
+    token once: an example longer than ``max_length`` tokens is cut into pieces
+    (`chunk_example`), as in training. ``packed``: pieces go into rows in order, a new row
+    when the next piece does not fit in the current one (segments 1, 2, ...); else one piece
+    per row. Both score the same tokens with the same context, so their sums agree. Every
+    process gets the same number of batches (rows of all 0 with ``valid = False`` fill in).
+    """
+    process_index, process_count = _check_process(process_index, process_count)
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_length = check_int("max_length", max_length, 1)
+    _check_text_tokenizer(tokenizer)
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise ValueError(
+            f"source must have __len__ and __getitem__ (random access), got {type(source)}"
+        )
+    total = len(source)
+    if limit is not None:
+        total = min(check_int("limit", limit, 1), total)
+
+    def rows_of(index_range) -> list[list[dict]]:
+        rows, row, used = [], [], 0
+        for index in index_range:
+            for piece in chunk_example(
+                encode_text(tokenizer, source[int(index)]["text"]), max_length
+            ):
+                n = len(piece["targets"])
+                if row and (not packed or used + n > max_length):
+                    rows.append(row)
+                    row, used = [], 0
+                row.append(piece)
+                used += n
+        return rows + ([row] if row else [])
+
+    # Every process packs every share to learn the largest row count (cheap next to scoring).
+    shares = [range(p, total, process_count) for p in range(process_count)]
+    mine = rows_of(shares[process_index])
+    most = max(len(rows_of(share)) for share in shares) if process_count > 1 else len(mine)
+    num_rows = max(-(-most // batch_size), 1) * batch_size
+    arrays = {k: np.zeros((num_rows, max_length), np.int32) for k in LM_BATCH_KEYS}
+    for r, row in enumerate(mine):
+        start = 0
+        for s, piece in enumerate(row, start=1):
+            n = len(piece["targets"])
+            window = slice(start, start + n)
+            arrays["targets"][r, window] = piece["targets"]
+            arrays["targets_bytes"][r, window] = piece["targets_bytes"]
+            arrays["targets_positions"][r, window] = np.arange(n)
+            arrays["targets_segmentation"][r, window] = s
+            start += n
+    valid = np.arange(num_rows) < len(mine)
+    batches = [
+        {
+            **{k: v[i : i + batch_size] for k, v in arrays.items()},
+            "valid": valid[i : i + batch_size],
+        }
+        for i in range(0, num_rows, batch_size)
+    ]
+    return LMEvalSplit(
+        batches,
+        num_examples=len(shares[process_index]),
+        num_tokens=int((arrays["targets_segmentation"] > 0).sum()),
+        num_bytes=int(arrays["targets_bytes"].sum()),
+    )
+
+
+def language_model_scores(nll_nats: float, num_tokens: float, num_bytes: float) -> dict[str, float]:
+    """Per-token loss, perplexity and bits per byte from sums over the same tokens:
+    ``nll_nats`` (the summed negative log-likelihood, natural log), ``num_tokens`` (how
+    many tokens it sums over, EOS included) and ``num_bytes`` (their ``targets_bytes``).
+
+    loss = nll / tokens (nats per token); perplexity = exp(loss); bits_per_byte =
+    nll / ln(2) / bytes, the figure that compares models with different vocabularies.
+    A count of 0 gives NaN for what divides by it."""
+    nll, tokens, count = float(nll_nats), float(num_tokens), float(num_bytes)
+    for name, value in (("nll_nats", nll), ("num_tokens", tokens), ("num_bytes", count)):
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    loss = nll / tokens if tokens else math.nan
+    return {
+        "loss": loss,
+        "perplexity": math.inf if loss > 700 else math.exp(loss),  # NaN stays NaN
+        "bits_per_byte": nll / math.log(2) / count if count else math.nan,
+    }
+
+
 __all__: Sequence[str] = (
     "BATCH_KEYS",
+    "LM_BATCH_KEYS",
     "EvalSplit",
+    "LMEvalSplit",
     "Tokenizer",
+    "chunk_example",
+    "encode_text",
     "eval_batches",
     "example_counts",
+    "language_model_scores",
+    "lm_eval_batches",
+    "lm_train_dataset",
     "padding_fraction",
     "shard_and_shuffle",
     "shuffle_seed",

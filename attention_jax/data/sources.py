@@ -1,15 +1,22 @@
-"""Parallel-text sources: TFDS datasets in ``array_record`` format, read by random access.
+"""Text sources: TFDS datasets in ``array_record`` format, read by random access.
 
 No TensorFlow is needed to prepare or to read them. A dataset is prepared once into
 ``data_dir/NAME/VERSION/*.array_record-*`` and read back with ``tfds.data_source``, which
-grain can shuffle, shard and batch by index. Every source yields
-``{'source': str, 'target': str}``, whatever the underlying TFDS feature names are.
+grain can shuffle, shard and batch by index.
 
-Two kinds of dataset:
+Parallel text (translation): every source yields ``{'source': str, 'target': str}``,
+whatever the underlying TFDS feature names are.
 - a local line-aligned corpus (two text files, or one two-column TSV per split), turned into
   a TFDS dataset by `prepare_local_corpus`;
 - WMT14 English-German, TFDS's ``wmt14_translate/de-en`` builder, prepared by `prepare_wmt14`
   and read in either direction by `load_wmt14`.
+
+Monolingual text (language modelling): every source yields ``{'text': str}``.
+- a local text corpus (UTF-8 files; one example per non-blank line, or per blank-line-
+  separated paragraph), turned into a TFDS dataset by `prepare_text_corpus`;
+- the One Billion Word benchmark, TFDS's ``lm1b`` builder (splits train and test, one
+  sentence per example), prepared by `prepare_lm1b`.
+Both are read by `load_text_source`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import glob
+import importlib
 import os
 import re
 import tempfile
@@ -36,7 +45,10 @@ from etils import epath
 from tensorflow_datasets.core.download import extractor as _tfds_extractor
 
 SOURCE, TARGET = "source", "target"
+TEXT = "text"  # the one feature of a text corpus (as in TFDS's lm1b)
 LOCAL_CORPUS_VERSION = "1.0.0"
+LOCAL_TEXT_VERSION = "1.0.0"
+LM1B = "lm1b"
 WMT14 = "wmt14_translate/de-en"
 WMT17 = "wmt17_translate/de-en"  # newer training data (adds news commentary v12, rapid)
 WMT_DATASETS = (WMT14, WMT17)
@@ -47,6 +59,11 @@ PREPARE_COMMAND = "python -m attention_jax prepare --dataset={name} --data_dir={
 PREPARE_LOCAL_COMMAND = (
     "python -m attention_jax prepare --dataset=local --name={name} "
     "--train=SOURCE_FILE,TARGET_FILE --validation=DEV.tsv --data_dir={data_dir}"
+)
+
+PREPARE_TEXT_COMMAND = (
+    "python -m attention_jax prepare --dataset=local_text --name={name} "
+    "--train=FILE[,FILE...] --validation=FILE --data_dir={data_dir}"
 )
 
 PathLike = str | os.PathLike
@@ -129,7 +146,13 @@ def load_source(
     one split, as a random-access `ParallelTextSource`. Never downloads or prepares: a
     dataset that is not prepared under ``data_dir`` raises `DatasetNotPreparedError` with
     the command that prepares it."""
-    builder = _prepared_builder(name, data_dir)
+    examples = _prepared_split(name, split, data_dir, (source_key, target_key), text=False)
+    return ParallelTextSource(examples, source_key, target_key)
+
+
+def _prepared_split(name: str, split: str, data_dir: PathLike, keys, *, text: bool):
+    """``builder.as_data_source(split)`` of a prepared array_record dataset with `keys`."""
+    builder = _prepared_builder(name, data_dir, text=text)
     splits = sorted(builder.info.splits)
     if split not in builder.info.splits:
         raise ValueError(
@@ -139,16 +162,26 @@ def load_source(
     if file_format is not tfds.core.FileFormat.ARRAY_RECORD:
         raise ValueError(
             f"dataset {name!r} in {builder.data_dir} is stored as {file_format}, which has no "
-            f"random access; prepare it again as array_record: " + prepare_command(name, data_dir)
+            f"random access; prepare it again as array_record: "
+            + prepare_command(name, data_dir, text=text)
         )
     features = sorted(builder.info.features.keys())
-    for key in (source_key, target_key):
+    for key in keys:
         if key not in features:
-            raise ValueError(f"dataset {name!r} has no feature {key!r}; it has {features}")
-    return ParallelTextSource(builder.as_data_source(split=split), source_key, target_key)
+            if text and set(features) >= {SOURCE, TARGET}:
+                hint = (
+                    "; it is a parallel corpus: a language model reads a text corpus, "
+                    "prepared with " + prepare_command(name, data_dir, text=True)
+                )
+            elif not text and TEXT in features:
+                hint = "; it is a text corpus (for a language model), not a parallel corpus"
+            else:
+                hint = ""
+            raise ValueError(f"dataset {name!r} has no feature {key!r}; it has {features}{hint}")
+    return builder.as_data_source(split=split)
 
 
-def _prepared_builder(name: str, data_dir: PathLike) -> tfds.core.DatasetBuilder:
+def _prepared_builder(name: str, data_dir: PathLike, *, text: bool = False):
     data_dir = os.fspath(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -158,25 +191,43 @@ def _prepared_builder(name: str, data_dir: PathLike) -> tfds.core.DatasetBuilder
         raise DatasetNotPreparedError(
             f"dataset {name!r} is not prepared in {data_dir} (looked for "
             f"{os.path.join(data_dir, *name.split('/'))}/<version>/dataset_info.json); "
-            f"prepare it with: " + prepare_command(name, data_dir)
+            f"prepare it with: " + prepare_command(name, data_dir, text=text)
         )
     return builder
 
 
-def prepare_command(name: str, data_dir: PathLike) -> str:
+def prepare_command(name: str, data_dir: PathLike, *, text: bool = False) -> str:
     """The command that prepares dataset `name`: ``--dataset=NAME`` for the ones the prepare
-    command downloads or generates (WMT14/17, the built-in corpus), ``--dataset=local
-    --name=NAME`` with the corpus's files for any other name (a local corpus)."""
-    if name in (*WMT_DATASETS, "toy_translation"):
+    command downloads or generates (WMT14/17, lm1b, the built-in corpus), else the local
+    corpus's: ``--dataset=local --name=NAME`` with its files, or with ``text``
+    ``--dataset=local_text --name=NAME`` (a text corpus, for a language model)."""
+    if name in (*WMT_DATASETS, LM1B, "toy_translation"):
         return PREPARE_COMMAND.format(name=name, data_dir=data_dir)
+    if text:
+        return PREPARE_TEXT_COMMAND.format(name=name, data_dir=data_dir) + (
+            " (your text: UTF-8, one example per line, or --paragraphs)"
+        )
     return PREPARE_LOCAL_COMMAND.format(name=name, data_dir=data_dir) + (
         " (your corpus: line-aligned SOURCE_FILE,TARGET_FILE or a two-column TSV per split)"
     )
 
 
-def split_names(name: str, data_dir: PathLike) -> tuple[str, ...]:
-    """The splits of the prepared dataset `name` (raises `DatasetNotPreparedError`)."""
-    return tuple(_prepared_builder(name, data_dir).info.splits)
+def dataset_features(name: str, data_dir: PathLike) -> tuple[str, ...] | None:
+    """The feature names of the prepared dataset `name` (e.g. ``('source', 'target')`` or
+    ``('text',)``), or None if it is not prepared under `data_dir`."""
+    try:
+        builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+    except tfds.core.DatasetNotFoundError:
+        return None
+    if not builder.is_prepared():
+        return None
+    return tuple(sorted(builder.info.features.keys()))
+
+
+def split_names(name: str, data_dir: PathLike, *, text: bool = False) -> tuple[str, ...]:
+    """The splits of the prepared dataset `name` (raises `DatasetNotPreparedError`, whose
+    command is a text corpus's with ``text``)."""
+    return tuple(_prepared_builder(name, data_dir, text=text).info.splits)
 
 
 # ---------------------------------------------------------------------- local corpora
@@ -199,6 +250,23 @@ def prepare_local_corpus(
     order. Every file is checked before anything is written, so a bad file leaves
     ``data_dir`` as it was.
     """
+    _check_new_name(name, "{'train': 'train.tsv'}", splits)
+    corpora = {split: _LocalCorpus.from_files(split, files) for split, files in splits.items()}
+    sizes = {split: corpus.check() for split, corpus in corpora.items()}
+
+    builder = _LocalCorpusBuilder(
+        name=name,
+        corpora=corpora,
+        sizes=sizes,
+        data_dir=os.fspath(data_dir),
+        file_format=tfds.core.FileFormat.ARRAY_RECORD,
+    )
+    return _write_local(builder, name, overwrite)
+
+
+def _check_new_name(name: Any, example: str, splits: Mapping[str, Any]) -> None:
+    """Refuses a dataset name that is not lower_snake_case or is a TFDS dataset's, and
+    bad split names."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"dataset name must be lower_snake_case (letters, digits, _), got {name!r}"
@@ -212,21 +280,14 @@ def prepare_local_corpus(
             f"dataset name {name!r} is taken by the TFDS dataset {taken.__module__}; choose another"
         )
     if not splits:
-        raise ValueError("splits is empty; give at least one, e.g. {'train': 'train.tsv'}")
-    corpora = {}
-    for split, files in splits.items():
+        raise ValueError(f"splits is empty; give at least one, e.g. {example}")
+    for split in splits:
         if not isinstance(split, str) or not _SPLIT.fullmatch(split):
             raise ValueError(f"split names are letters, digits and _, got {split!r}")
-        corpora[split] = _LocalCorpus.from_files(split, files)
-    sizes = {split: corpus.check() for split, corpus in corpora.items()}
 
-    builder = _LocalCorpusBuilder(
-        name=name,
-        corpora=corpora,
-        sizes=sizes,
-        data_dir=os.fspath(data_dir),
-        file_format=tfds.core.FileFormat.ARRAY_RECORD,
-    )
+
+def _write_local(builder: tfds.core.DatasetBuilder, name: str, overwrite: bool) -> Path:
+    """Writes a checked local dataset (refusing an existing one unless `overwrite`)."""
     if builder.is_prepared() and not overwrite:
         raise FileExistsError(
             f"dataset {name!r} is already prepared in {builder.data_dir}; pass "
@@ -366,6 +427,197 @@ class _LocalCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             yield index, {SOURCE: source, TARGET: target}
 
 
+# ------------------------------------------------------------------ text corpora
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+    """Random access to text examples: ``source[i] == {'text': str}``.
+
+    Wraps a `tfds.data_source` (text comes back as UTF-8 bytes) and renames its text
+    feature ``key``. A grain ``RandomAccessDataSource``; it pickles."""
+
+    examples: Sequence[Mapping[str, Any]]
+    key: str = TEXT
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, str]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return {TEXT: _text(self.examples[index % len(self)][self.key])}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
+        n = len(self)
+        bad = [i for i in indices if not -n <= i < n]
+        if bad:
+            raise IndexError(f"indices {bad} out of range for {n} examples")
+        examples = self.examples.__getitems__([i % n for i in indices])
+        return [{TEXT: _text(e[self.key])} for e in examples]
+
+    def __repr__(self) -> str:
+        return f"TextSource({self.examples!r}, key={self.key!r}, len={len(self)})"
+
+
+def load_text_source(name: str, split: str, *, data_dir: PathLike, key: str = TEXT) -> TextSource:
+    """The prepared text corpus ``name`` (a local text corpus, or ``'lm1b'``), one split,
+    as a random-access `TextSource`. Never downloads or prepares (`DatasetNotPreparedError`
+    names the command that does); a parallel corpus is refused."""
+    return TextSource(_prepared_split(name, split, data_dir, (key,), text=True), key)
+
+
+def prepare_text_corpus(
+    splits: Mapping[str, PathLike | Sequence[PathLike]],
+    *,
+    data_dir: PathLike,
+    name: str,
+    paragraphs: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Writes local text files as the TFDS text corpus ``name`` (one feature, ``'text'``,
+    as TFDS's lm1b) in array_record format under ``data_dir``; returns its directory.
+
+    ``splits`` maps a split name to one file or a sequence of files, read in order:
+    ``{'train': ['a.txt', 'b.txt'], 'validation': 'dev.txt'}``. Files are UTF-8 (a leading
+    BOM is dropped); lines end at ``\\n`` only (a CRLF's CR is dropped; U+2028, form feeds,
+    a lone CR etc. stay inside the line, as in `prepare_local_corpus`). A line is blank when
+    it is empty or holds only ASCII spaces and tabs.
+    - default: each non-blank line is one example, as it is in the file (lm1b's way);
+    - ``paragraphs``: each run of non-blank lines between blank lines is one example, its
+      lines joined with ``\\n``.
+    Examples keep file order. Every file is read and checked first (UTF-8, no NUL byte, at
+    least one example per file), so a bad file leaves ``data_dir`` as it was.
+    """
+    _check_new_name(name, "{'train': 'train.txt'}", splits)
+    if not isinstance(paragraphs, bool):
+        raise ValueError(f"paragraphs must be a bool, got {paragraphs!r}")
+    corpora = {
+        split: _TextCorpus.from_files(split, files, paragraphs) for split, files in splits.items()
+    }
+    sizes = {split: corpus.check() for split, corpus in corpora.items()}
+    builder = _TextCorpusBuilder(
+        name=name,
+        corpora=corpora,
+        sizes=sizes,
+        data_dir=os.fspath(data_dir),
+        file_format=tfds.core.FileFormat.ARRAY_RECORD,
+    )
+    return _write_local(builder, name, overwrite)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TextCorpus:
+    """One split's text files, and how they are cut into examples."""
+
+    split: str
+    paths: tuple[Path, ...]
+    paragraphs: bool
+
+    @classmethod
+    def from_files(cls, split: str, files: Any, paragraphs: bool) -> _TextCorpus:
+        if isinstance(files, str | os.PathLike):
+            files = (files,)
+        if not isinstance(files, tuple | list) or not files:
+            raise ValueError(f"{_where(split)}give a text file or a list of them, got {files!r}")
+        paths = tuple(Path(f) for f in files)
+        for path in paths:
+            if not path.is_file():
+                what = "is a directory, not a file" if path.is_dir() else "does not exist"
+                raise FileNotFoundError(f"{_where(split)}text file {path} {what}")
+        return cls(split, paths, paragraphs)
+
+    def check(self) -> int:
+        """Reads every file once; returns the number of examples. Refuses a file with none."""
+        total = 0
+        for path in self.paths:
+            count = sum(1 for _ in text_examples(path, paragraphs=self.paragraphs))
+            if not count:
+                size = path.stat().st_size
+                what = "is empty" if size == 0 else f"holds no text ({size} bytes, all blank lines)"
+                raise ValueError(f"{_where(self.split)}{path} {what}")
+            total += count
+        return total
+
+    def examples(self) -> Iterator[str]:
+        for path in self.paths:
+            yield from text_examples(path, paragraphs=self.paragraphs)
+
+
+def _where(split: str) -> str:
+    return f"split {split!r}: " if split else ""
+
+
+def read_text_file(path: PathLike, *, paragraphs: bool = False) -> list[dict[str, str]]:
+    """The examples of one text file as a random-access source, ``[{'text': str}, ...]``
+    (e.g. to evaluate a language model on it), cut as `text_examples` cuts them. A missing
+    file, an empty or all-blank one, bytes that are not UTF-8 or a NUL byte raise an error
+    naming the file (and line)."""
+    corpus = _TextCorpus.from_files("", path, paragraphs)
+    texts = list(corpus.examples())
+    if not texts:
+        corpus.check()  # raises, saying empty or all blank
+    return [{TEXT: text} for text in texts]
+
+
+def text_examples(path: PathLike, *, paragraphs: bool = False) -> Iterator[str]:
+    """The examples of one text file, as `prepare_text_corpus` cuts them: its non-blank
+    lines, or with ``paragraphs`` its blank-line-separated paragraphs (lines joined with
+    ``\\n``). Raises ValueError naming the file and line for bytes that are not UTF-8 or
+    a NUL byte."""
+    path, lines = Path(path), []
+    for number, line in _lines(path):
+        nul = line.find("\0")
+        if nul >= 0:
+            raise ValueError(
+                f"{path}, line {number}: a NUL byte at character {nul + 1} of the line; "
+                "UTF-8 text was expected (is this a binary file?)"
+            )
+        if not line.strip(" \t"):  # blank
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+        elif paragraphs:
+            lines.append(line)
+        else:
+            yield line
+    if lines:
+        yield "\n".join(lines)
+
+
+class _TextCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder for one local text corpus (not registered; read back from its files)."""
+
+    VERSION = tfds.core.Version(LOCAL_TEXT_VERSION)
+
+    def __init__(self, *, name: str, corpora: Mapping[str, _TextCorpus], sizes, **kwargs):
+        self.name = name
+        self._corpora = corpora
+        self._sizes = sizes
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        files = "; ".join(
+            f"{split}: {', '.join(map(str, c.paths))} ({self._sizes[split]} examples)"
+            for split, c in self._corpora.items()
+        )
+        unit = "paragraph" if any(c.paragraphs for c in self._corpora.values()) else "line"
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Local text corpus, one example per {unit}, from {files}.",
+            features=tfds.features.FeaturesDict({TEXT: tfds.features.Text()}),
+            disable_shuffling=True,  # keep file order; grain shuffles at read time
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(c) for split, c in self._corpora.items()}
+
+    def _generate_examples(self, corpus: _TextCorpus):
+        for index, text in enumerate(corpus.examples()):
+            yield index, {TEXT: text}
+
+
 # ---------------------------------------------------------------------------- WMT14
 
 
@@ -407,6 +659,48 @@ def prepare_wmt14(
             download_dir=os.fspath(download_dir), file_format=tfds.core.FileFormat.ARRAY_RECORD
         )
     return Path(builder.data_dir)
+
+
+# ------------------------------------------------------------------------------ lm1b
+
+
+def prepare_lm1b(data_dir: PathLike, *, download_dir: PathLike | None = None) -> Path:
+    """Downloads the One Billion Word benchmark from statmt.org (one 1.8 GB archive) and
+    writes TFDS's ``lm1b`` (train: about 30M sentences; test: the held-out 306K; feature
+    ``'text'``, each line stripped) in array_record format under ``data_dir``; returns the
+    dataset's directory. Downloads go to ``download_dir`` (default ``data_dir/downloads``)
+    and are reused if present."""
+    builder = tfds.builder(LM1B, data_dir=os.fspath(data_dir))
+    download_dir = download_dir or os.path.join(os.fspath(data_dir), "downloads")
+    with _tf_free_extraction(), _tf_free_glob(importlib.import_module(type(builder).__module__)):
+        builder.download_and_prepare(
+            download_dir=os.fspath(download_dir), file_format=tfds.core.FileFormat.ARRAY_RECORD
+        )
+    return Path(builder.data_dir)
+
+
+def _glob(pattern: str) -> list[str]:
+    """``tf.io.gfile.glob`` for local paths and URLs epath opens (gs:// with gcsfs), sorted
+    (TFDS's lm1b reads the files it finds in this order)."""
+    if "://" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = epath.Path("/".join(parts[:first]))
+    return sorted(os.fspath(p) for p in root.glob("/".join(parts[first:])))
+
+
+@contextlib.contextmanager
+def _tf_free_glob(module: types.ModuleType):
+    """Gives `module` (a TFDS builder's, which lists its extracted files with
+    ``tf.io.gfile.glob``) a ``tf`` that globs without TensorFlow, while the block runs."""
+    shim = types.SimpleNamespace(io=types.SimpleNamespace(gfile=types.SimpleNamespace(glob=_glob)))
+    saved = module.tf
+    module.tf = shim
+    try:
+        yield
+    finally:
+        module.tf = saved
 
 
 @contextlib.contextmanager

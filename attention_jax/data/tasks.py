@@ -6,6 +6,11 @@ splits and (for translation) the vocabulary.
 - `TranslationTask`: a parallel corpus (the built-in one, WMT14 or a prepared local corpus),
   SentencePiece vocabulary in the workdir, grain's packed pipeline; its iterator state is
   saved in every checkpoint.
+- `LMTask`: a text corpus for a decoder-only language model (the built-in ``toy_lm``,
+  TFDS's ``lm1b`` or a prepared local text corpus), the same vocabulary handling and
+  packed, resumable pipeline; batches carry the bytes that bits per byte needs.
+
+`task_kind` says which a config's dataset is; `make_task` builds it.
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ import numpy as np
 from attention_jax import multihost
 from attention_jax.data import pipeline, toy_translation
 from attention_jax.data.synthetic import reversal_batch
-from attention_jax.data.tokenizer import Tokenizer, default_vocab_path
+from attention_jax.data.tokenizer import (
+    Tokenizer,
+    default_vocab_path,
+    sample_indices,
+    text_sentences,
+)
 from attention_jax.workdir import VOCAB_FILE
 
 BUILTIN = "toy_translation"
+LM_BUILTIN = "toy_lm"  # the English side of the built-in translation corpus
+LM1B = "lm1b"
 SPLITS = ("train", "validation", "test")
+KINDS = ("reversal", "translation", "lm")
 
 
 def data_dir(config) -> str:
@@ -50,13 +63,52 @@ def check_dataset(config) -> None:
 
 
 def available_splits(config) -> tuple[str, ...]:
-    """The splits the config's dataset has (a local corpus may lack validation or test)."""
+    """The splits the config's dataset has (a local corpus may lack validation or test;
+    lm1b has train and test)."""
     name = config.data.dataset
-    if name == "reversal" or name == BUILTIN:
+    if name in ("reversal", BUILTIN, LM_BUILTIN):
         return SPLITS
     from attention_jax.data import sources  # imports TFDS: only for datasets on disk
 
-    return sources.split_names(name, data_dir(config))
+    return sources.split_names(name, data_dir(config), text=task_kind(config) == "lm")
+
+
+def task_kind(config) -> str:
+    """``'reversal'``, ``'translation'`` or ``'lm'``: what the config's dataset is for.
+
+    Known names say it (``reversal``; ``toy_translation`` and ``wmt*``: translation;
+    ``toy_lm`` and ``lm1b``: lm); a prepared local corpus by its features (``text``: lm,
+    ``source``/``target``: translation). ``config.data.task``, when set, must agree, and
+    decides for a corpus not prepared yet (so that the error names the right prepare
+    command); unset and unknown, it is translation."""
+    data = config.data
+    name = data.dataset
+    given = data.get("task") or None
+    if given is not None and given not in KINDS:
+        raise ValueError(f"config.data.task must be one of {KINDS} or unset, got {given!r}")
+    if name == "reversal":
+        known = "reversal"
+    elif name == BUILTIN or name.startswith("wmt"):
+        known = "translation"
+    elif name in (LM_BUILTIN, LM1B):
+        known = "lm"
+    else:
+        from attention_jax.data import sources  # imports TFDS: only for datasets on disk
+
+        features = sources.dataset_features(name, data_dir(config))
+        if features is None:
+            known = None
+        elif sources.TEXT in features:
+            known = "lm"
+        else:
+            known = "translation"
+    if given is not None and known is not None and given != known:
+        what = {"lm": "a text corpus (for a language model)", "translation": "a parallel corpus"}
+        raise ValueError(
+            f"config.data.task is {given!r} but dataset {name!r} is "
+            f"{what.get(known, known)}: choose a {given} dataset or another config"
+        )
+    return known or given or "translation"
 
 
 @dataclasses.dataclass
@@ -130,6 +182,24 @@ def _load_source(config, split: str):
     return sources.load_source(name, split, data_dir=data_dir(config))
 
 
+def _rows_per_process(config, data_parallel: int) -> int:
+    """This process's rows per batch: ``config.batch_size`` global rows, or (0) as many as
+    ``config.data.tokens_per_batch`` tokens per side allow."""
+    if config.batch_size:  # a fixed number of rows (global)
+        if config.batch_size % (data_parallel * jax.process_count()):
+            raise ValueError(
+                f"batch_size {config.batch_size} is not divisible by the data-parallel "
+                f"size {data_parallel} × {jax.process_count()} processes"
+            )
+        return config.batch_size // jax.process_count()
+    return pipeline.tokens_per_batch_to_batch_size(  # the paper's way: a token budget
+        config.data.tokens_per_batch,
+        config.data.max_length,
+        process_count=jax.process_count(),
+        data_parallel=data_parallel,
+    )
+
+
 class TranslationTask:
     """A parallel corpus through the SentencePiece vocabulary and grain's packed pipeline."""
 
@@ -142,20 +212,7 @@ class TranslationTask:
         self.train_source = _load_source(config, "train")
         self.tokenizer = load_or_train_vocabulary(config, workdir, self.train_source)
         self.vocab_size = self.tokenizer.vocab_size
-        if config.batch_size:  # a fixed number of rows (global)
-            if config.batch_size % (data_parallel * jax.process_count()):
-                raise ValueError(
-                    f"batch_size {config.batch_size} is not divisible by the data-parallel "
-                    f"size {data_parallel} × {jax.process_count()} processes"
-                )
-            rows = config.batch_size // jax.process_count()
-        else:  # the paper's way: a token budget per side
-            rows = pipeline.tokens_per_batch_to_batch_size(
-                data.tokens_per_batch,
-                data.max_length,
-                process_count=jax.process_count(),
-                data_parallel=data_parallel,
-            )
+        rows = _rows_per_process(config, data_parallel)
         self.rows = rows  # per process
         self.data_parallel = data_parallel
         dataset = pipeline.train_dataset(
@@ -210,10 +267,136 @@ class TranslationTask:
         }
 
 
+def _load_text_source(config, split: str):
+    """A random-access source of ``{'text'}`` strings for one split of an LM dataset."""
+    data = config.data
+    if data.dataset == LM_BUILTIN:
+        sizes = tuple(data.get("corpus_sizes", toy_translation.DEFAULT_SIZES))
+        pairs = toy_translation.load_split(split, seed=data.get("corpus_seed", 0), sizes=sizes)
+        return [{"text": english} for english, _ in pairs]
+    from attention_jax.data import sources  # imports TFDS: only for datasets on disk
+
+    return sources.load_text_source(data.dataset, split, data_dir=data_dir(config))
+
+
+class LMTask:
+    """A text corpus for a decoder-only language model: the workdir's SentencePiece
+    vocabulary, grain's packed pipeline (`pipeline.lm_train_dataset`), iterator state in
+    every checkpoint.
+
+    Batches (numpy int32 [rows, max_length]): ``targets`` (each example's tokens + EOS,
+    0 = padding), ``targets_positions``, ``targets_segmentation`` (packing) and
+    ``targets_bytes`` (UTF-8 bytes per token; EOS counts 1 byte, the example's newline), so
+    bits per byte = sum of NLL over tokens with segmentation > 0 / ln 2 / sum of
+    targets_bytes (`pipeline.language_model_scores`). The model predicts every token,
+    the first from the start token. Config keys read (``config.data``): dataset, max_length,
+    tokens_per_batch (when ``config.batch_size`` is 0), eval_batch_size, eval_examples,
+    eval_packed (default True), corpus_seed / corpus_sizes (toy_lm), vocab_path,
+    vocab_sentences, data_dir, reader_threads, prefetch, workers; and ``config.seed``.
+    """
+
+    has_state = True
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):
+        self.config = config
+        data = config.data
+        self.max_length = data.max_length
+        self.train_source = _load_text_source(config, "train")
+        self.tokenizer = load_or_train_vocabulary(config, workdir, self.train_source)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.rows = _rows_per_process(config, data_parallel)  # per process
+        self.data_parallel = data_parallel
+        dataset = pipeline.lm_train_dataset(
+            self.train_source,
+            self.tokenizer,
+            seed=config.seed,
+            batch_size=self.rows,
+            max_length=data.max_length,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_threads=data.get("reader_threads", 0),
+            prefetch=data.get("prefetch", 0),
+            worker_count=data.get("workers", 0),
+        )
+        self.iterator = iter(dataset)
+        self._eval = {}
+
+    def example_batch(self) -> dict:
+        shape = (self.rows, self.max_length)
+        return {key: np.zeros(shape, np.int32) for key in pipeline.LM_BATCH_KEYS}
+
+    def next_batch(self, step: int) -> dict:
+        del step  # the iterator's state says where the stream is
+        return next(self.iterator)
+
+    def eval_data(self, split: str) -> EvalData:
+        """The split's first ``config.data.eval_examples`` examples (all when 0), every
+        token once (`pipeline.lm_eval_batches`), as global batches of
+        ``config.data.eval_batch_size`` rows (rounded up to a multiple of the devices);
+        each process feeds its rows of each batch. ``sources``/``references`` are None."""
+        if split not in self._eval:
+            source = _load_text_source(self.config, split)
+            self._eval[split] = self.eval_texts(source)
+        return self._eval[split]
+
+    def eval_texts(self, source) -> EvalData:
+        """Evaluation batches of any texts, as `eval_data` (`lm_eval_data`)."""
+        return lm_eval_data(self.config, self.tokenizer, source, data_parallel=self.data_parallel)
+
+    def splits(self) -> tuple[str, ...]:
+        return available_splits(self.config)
+
+    def meta(self) -> dict:
+        return {
+            "dataset": self.config.data.dataset,
+            "vocab_fingerprint": self.tokenizer.fingerprint,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def lm_eval_data(config, tokenizer, source, *, data_parallel: int) -> EvalData:
+    """Evaluation batches of texts for a language model of `config`: `source` is random
+    access to ``{'text': str}`` (a split, or e.g. ``[{'text': t} for t in
+    sources.text_examples(path)]`` for a file), `tokenizer` the workdir's. Its first
+    ``config.data.eval_examples`` examples (all when 0), every token once, packed unless
+    ``config.data.eval_packed`` is False, as global batches of ``config.data.eval_batch_size``
+    rows rounded up to a multiple of ``data_parallel`` × the processes."""
+    data = config.data
+    unit = data_parallel * jax.process_count()
+    size = -(-data.eval_batch_size // unit) * unit  # a multiple of the devices
+    ev = pipeline.lm_eval_batches(
+        source,
+        tokenizer,
+        batch_size=size,
+        max_length=data.max_length,
+        packed=data.get("eval_packed", True),
+        limit=data.get("eval_examples", 0) or None,
+    )
+    return EvalData(ev.batches)
+
+
+def load_eval_texts(config, split: str) -> list[str]:
+    """The texts (examples) of a split of the config's LM dataset."""
+    if task_kind(config) != "lm":
+        raise ValueError(f"dataset {config.data.dataset!r} is not a text corpus")
+    splits = available_splits(config)
+    if split not in splits:
+        raise ValueError(
+            f"dataset {config.data.dataset!r} has no {split!r} split (it has {list(splits)})"
+        )
+    source = _load_text_source(config, split)
+    return [source[i]["text"] for i in range(len(source))]
+
+
 def load_eval_pairs(config, split: str) -> tuple[list[str], list[str]]:
     """The source sentences and references of a split of the config's dataset."""
     if config.data.dataset == "reversal":
         raise ValueError("the reversal task has no text to translate")
+    if task_kind(config) == "lm":
+        raise ValueError(
+            f"dataset {config.data.dataset!r} is a text corpus (for a language model): it has "
+            "no translations"
+        )
     splits = available_splits(config)
     if split not in splits:
         raise ValueError(
@@ -255,7 +438,7 @@ def resolve_vocab_size(config, workdir: str | None) -> tuple[int, str | None]:
     prepared = prepared_vocabularies(config)
     if size in prepared:
         return size, prepared[size]
-    if config.data.dataset == BUILTIN:
+    if config.data.dataset in (BUILTIN, LM_BUILTIN):
         # Generated in memory; a prepared vocabulary of it is only a cache of the one each
         # workdir would train, used when its size is the config's.
         return size, None
@@ -314,16 +497,28 @@ def _make_vocabulary(config, path: str, train_source) -> None:
             )
     else:
         limit = config.data.get("vocab_sentences", 2_000_000)
-        n = min(len(train_source), max(limit // 2, 1))
-        examples = (train_source[i] for i in range(n))
-        sentences = (text for ex in examples for text in (ex["source"], ex["target"]))
-        print(f"training a {size}-piece SentencePiece vocabulary on {n} pairs", flush=True)
+        if task_kind(config) == "lm":
+            indices = sample_indices(len(train_source), limit)
+            sentences = text_sentences(train_source, indices)
+            what = "texts"
+        else:
+            indices = range(min(len(train_source), max(limit // 2, 1)))
+            examples = (train_source[i] for i in indices)
+            sentences = (text for ex in examples for text in (ex["source"], ex["target"]))
+            what = "pairs"
+        print(
+            f"training a {size}-piece SentencePiece vocabulary on {len(indices)} {what}",
+            flush=True,
+        )
         tokenizer = Tokenizer.train(sentences, size)
     tokenizer.save(path)
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):
-    """The task named by ``config.data.dataset``."""
-    if config.data.dataset == "reversal":
+    """The task named by ``config.data.dataset`` (`task_kind`)."""
+    kind = task_kind(config)
+    if kind == "reversal":
         return ReversalTask(config)
+    if kind == "lm":
+        return LMTask(config, workdir, data_parallel=data_parallel)
     return TranslationTask(config, workdir, data_parallel=data_parallel)

@@ -44,6 +44,7 @@ BOS_ID = -1  # none: the decoder starts from PAD_ID
 _SPECIAL = {"pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID, "bos": BOS_ID}
 
 MODEL_TYPES = ("bpe", "unigram")
+MAX_SENTENCE_BYTES = 4192  # SentencePiece's max_sentence_length: longer ones are skipped
 # SentencePiece splits unigram training over this many threads and sums their partial
 # counts, so unigram pieces depend on the count (BPE pieces do not). Fixed, not the
 # machine's core count, so that the same sentences give the same model everywhere.
@@ -96,6 +97,20 @@ class Tokenizer:
             )
         self._proto = model_proto
         self._processor = processor
+        # For encode_with_bytes: the UTF-8 bytes each piece stands for ("▁" is a space),
+        # usable when the text is not normalized (identity rule, every space kept).
+        normalizer = parsed.normalizer_spec
+        if normalizer.name == "identity" and not normalizer.remove_extra_whitespaces:
+            table = [
+                0 if processor.is_control(i) else len(piece.replace("▁", " ").encode("utf-8"))
+                for i, piece in enumerate(
+                    processor.id_to_piece(list(range(processor.vocab_size())))
+                )
+            ]
+            self._piece_bytes = np.asarray(table, np.int32)
+            self._dummy_prefix = int(normalizer.add_dummy_prefix)
+        else:
+            self._piece_bytes = None
 
     # ------------------------------------------------------------------ training, files
 
@@ -117,7 +132,7 @@ class Tokenizer:
         (whose sequence Python keeps fixed across versions); SentencePiece's own sampling
         (``input_sentence_size``) stays off. The same sentences, arguments and
         SentencePiece version therefore give the same model bytes on any machine.
-        SentencePiece skips sentences longer than 4192 bytes.
+        SentencePiece skips sentences longer than `MAX_SENTENCE_BYTES`.
         """
         if isinstance(sentences, str | bytes):
             raise TypeError("sentences must be an iterable of str, not one string")
@@ -206,6 +221,31 @@ class Tokenizer:
             raise TypeError(f"encode takes a str, got {_describe(text)}")
         return np.asarray(self._processor.encode(text), dtype=np.int32)
 
+    def encode_with_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """``text`` -> (ids, bytes): the ids of `encode` (int32 ``[T]``, without EOS) and,
+        for each, the number of UTF-8 bytes of ``text`` its piece stands for (int32
+        ``[T]``; SentencePiece's byte offsets into the input). A piece that is only the
+        dummy space SentencePiece puts before the text stands for 0 bytes; an unknown
+        character (``UNK_ID``) for its own bytes. The counts sum to
+        ``len(text.encode('utf-8'))`` for vocabularies trained by `train` (which keep every
+        character); a model that drops text (e.g. removes extra spaces) gives a smaller sum,
+        and the data pipeline counts the rest at EOS."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_with_bytes takes a str, got {_describe(text)}")
+        if self._piece_bytes is not None:  # fast path: each piece's bytes from a table
+            ids = self.encode(text)
+            if ids.size and not (ids == UNK_ID).any():
+                counts = self._piece_bytes[ids]
+                counts[0] -= self._dummy_prefix  # the first piece holds the dummy space
+                if counts.sum() == len(text.encode("utf-8")):
+                    return ids, counts
+        # Exact for any model: SentencePiece's byte offsets (about 7x slower).
+        pieces = self._processor.encode(text, out_type="proto").pieces
+        ids = np.fromiter((p.id for p in pieces), np.int32, len(pieces))
+        ends = np.fromiter((p.end for p in pieces), np.int64, len(pieces))
+        spans = np.diff(ends, prepend=0)
+        return ids, np.maximum(spans, 0).astype(np.int32)
+
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text -> int32 ids, without EOS (lengths differ; nothing is padded)."""
         texts = list(texts)
@@ -283,16 +323,46 @@ def sample_pairs(num_pairs: int, max_sentences: int, *, seed: int = 0) -> np.nda
     max_sentences = check_int("max_sentences", max_sentences, 1)
     if max_sentences < 2:
         raise ValueError(f"max_sentences must be >= 2 (one pair), got {max_sentences}")
-    wanted = min(num_pairs, max_sentences // 2)
-    if wanted == num_pairs:
-        return np.arange(num_pairs, dtype=np.int64)
+    return sample_indices(num_pairs, max_sentences // 2, seed=seed)
+
+
+def sample_indices(num_items: int, wanted: int, *, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``min(wanted, num_items)`` of ``num_items`` items: all of them, or
+    a uniform random subset (Knuth's selection sampling, drawn with
+    ``random.Random(seed).random()``, so the same on every machine and Python version)."""
+    num_items = check_int("num_items", num_items)
+    wanted = min(num_items, check_int("wanted", wanted, 1))
+    if wanted == num_items:
+        return np.arange(num_items, dtype=np.int64)
     u, chosen = random.Random(seed).random, []
-    for index in range(num_pairs):  # keep index with probability (still wanted)/(left)
-        if (num_pairs - index) * u() < wanted - len(chosen):
+    for index in range(num_items):  # keep index with probability (still wanted)/(left)
+        if (num_items - index) * u() < wanted - len(chosen):
             chosen.append(index)
             if len(chosen) == wanted:
                 break
     return np.asarray(chosen, dtype=np.int64)
+
+
+def text_sentences(
+    texts: Sequence[Mapping[str, str]], indices: Iterable[int], *, chunk_size: int = 1024
+) -> Iterator[str]:
+    """The text of ``texts[i]['text']`` for each ``i`` in ``indices``: what a text corpus's
+    vocabulary is trained on (read ``chunk_size`` at a time, as `pair_sentences`). A text
+    longer than SentencePiece's limit (`MAX_SENTENCE_BYTES`, beyond which it skips a
+    sentence), e.g. a long paragraph, is given line by line, each line but the last with its
+    ``\\n``, so that its characters (the newline too) still reach the vocabulary."""
+    indices = [int(i) for i in indices]
+    get_many = getattr(texts, "__getitems__", None)
+    for start in range(0, len(indices), chunk_size):
+        chunk = indices[start : start + chunk_size]
+        for example in get_many(chunk) if get_many else [texts[i] for i in chunk]:
+            text = example["text"]
+            if len(text.encode("utf-8")) <= MAX_SENTENCE_BYTES:
+                yield text
+            else:
+                lines = text.split("\n")
+                yield from (line + "\n" for line in lines[:-1])
+                yield lines[-1]
 
 
 def pair_sentences(

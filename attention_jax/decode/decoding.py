@@ -33,11 +33,12 @@ def init_cache(model: Transformer, params, inputs, max_length: int) -> dict:
 
 def step_fn(model: Transformer | TransformerLM, params):
     """``tokens_to_logits(tokens [R], cache, step) -> (logits [R, V], cache)``: one decoder
-    position through the KV cache for R rows (B, or B * W in beam search); the pad id's logit
-    is -inf."""
+    position through the KV cache for R rows (B, or B * W in beam search); ``step`` is the
+    position, int32 [] or each row's [R]; the pad id's logit is -inf."""
 
     def tokens_to_logits(tokens, cache, step):
-        positions = jnp.full((tokens.shape[0], 1), step, jnp.int32)  # [R, 1]
+        R = tokens.shape[0]
+        positions = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (R,))[:, None]  # [R, 1]
         variables = {"params": params, "cache": cache["model"]}
         if isinstance(model, TransformerLM):
             logits, new = model.apply(
@@ -54,6 +55,24 @@ def step_fn(model: Transformer | TransformerLM, params):
         return logits, {**cache, "model": new["cache"]}
 
     return tokens_to_logits
+
+
+def prefill_fn(model: TransformerLM, params):
+    """``prefill(tokens [B, P], cache) -> (logits [B, P, V], cache)``: positions 0..P-1 of
+    every row through the LM's KV cache in one forward pass (writing P cache slots); the pad
+    id's logit is -inf, as in `step_fn`."""
+
+    def prefill(tokens, cache):
+        B, P = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))  # [B, P]
+        logits, new = model.apply(
+            {"params": params, "cache": cache["model"]}, tokens, positions=positions,
+            decode=True, mutable=["cache"],
+        )  # fmt: skip
+        logits = logits.at[..., model.config.pad_id].set(-jnp.inf)  # [B, P, V]
+        return logits, {**cache, "model": new["cache"]}
+
+    return prefill
 
 
 @functools.partial(
@@ -99,7 +118,7 @@ def greedy_decode(model: Transformer, params, inputs, *, max_length: int):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "top_k"))
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "top_k", "prefill"))
 def generate(
     model: TransformerLM,
     params,
@@ -110,14 +129,22 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    prefill: bool = True,
 ):
-    """Samples continuations of `prompt` [B, P] (right-padded) from the LM: output ids
-    [B, max_length] starting with the prompt, cut after EOS. ``temperature=0``: greedy."""
+    """Samples continuations of `prompt` [B, P] (right-padded with the pad id; prompts of
+    different lengths in one batch) from the LM: output ids [B, max_length] starting with
+    the prompt, cut after EOS. ``temperature=0``: greedy.
+
+    ``prefill=True``: one forward pass reads every prompt position at once and fills the
+    KV cache; each row then samples one token per step from the end of its own prompt
+    (rows at different positions). ``prefill=False``: the prompt is fed one token per step
+    (the same ids for the same `rng`; slower to the first new token)."""
     B = prompt.shape[0]
-    blank = jnp.zeros((B, max_length), jnp.int32)
+    blank = jnp.zeros((B, max_length), jnp.int32)  # shapes the cache [B, max_length, K, H]
     _, created = model.apply({"params": params}, blank, decode=True, mutable=["cache"])
     return search.sample(
         step_fn(model, params), {"model": created["cache"]}, rng, batch_size=B,
         max_length=max_length, prompt=prompt, temperature=temperature, top_k=top_k,
         top_p=top_p, eos_id=EOS_ID, pad_id=model.config.pad_id, bos_id=model.config.pad_id,
+        prefill_fn=prefill_fn(model, params) if prefill else None,
     )  # fmt: skip

@@ -11,7 +11,8 @@ The model enters only through the step function::
 
 ``tokens`` is the last token of each row (``bos_id`` at step 0), ``step`` the 0-based
 position being predicted, and ``cache`` any pytree whose leaves lead with R. Logits may be
-unnormalised; the searches take ``log_softmax`` in float32.
+unnormalised; the searches take ``log_softmax`` in float32. Only :func:`sample` with a
+``prefill_fn`` passes ``step`` as int32 ``[R]``: each row's own position.
 
 Token ids default to the package's (`attention_jax.data.tokenizer`): ``eos_id=EOS_ID``,
 ``pad_id=PAD_ID``, and ``bos_id=PAD_ID`` (the decoder's start slot holds the pad id).
@@ -30,6 +31,8 @@ from jax import lax
 from attention_jax.data.tokenizer import EOS_ID, PAD_ID
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+# prefill_fn(tokens int32 [B, P], cache) -> (logits [B, P, V], new_cache): P positions at once.
+PrefillFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def length_penalty(length, alpha):
@@ -200,21 +203,29 @@ def sample(
     eos_id: int = EOS_ID,
     pad_id: int = PAD_ID,
     bos_id: int = PAD_ID,
+    prefill_fn: PrefillFn | None = None,
 ) -> jax.Array:
     """Ancestral sampling for decoder-only LMs: ids int32 ``[B, T]``.
 
-    The output starts with each row's prompt; while inside it the prompt token is fed
-    (teacher forcing, one token per step, so the cache fills). After it, each token is drawn
-    from ``softmax(logits / temperature)`` restricted first to the ``top_k`` largest logits
-    (ties at the k-th are kept) and then to the smallest set of tokens whose probability
-    adds up to ``top_p`` (nucleus sampling; the most likely token is always kept). A row
-    ends at its first sampled EOS (prompt tokens never end it) and holds ``pad_id`` after
-    it; the loop stops early once every row has ended.
+    The output starts with each row's prompt. Without `prefill_fn` the prompt is fed one
+    token per step (teacher forcing, so the cache fills); with it, one call reads
+    ``[bos, prompt]`` [B, P + 1] at once and each row's first new token comes from its
+    logits at the row's prompt length; then every row goes on one token per step from its
+    own position (the step function gets ``step`` [B]). Both feed the model the same
+    tokens at the same positions and draw with the same keys, so (given a step function
+    and prefill that agree) they return the same ids.
+
+    Each new token is drawn from ``softmax(logits / temperature)`` restricted first to the
+    ``top_k`` largest logits (ties at the k-th are kept) and then to the smallest set of
+    tokens whose probability adds up to ``top_p`` (nucleus sampling; the most likely token
+    is always kept). A row ends at its first sampled EOS (prompt tokens never end it) and
+    holds ``pad_id`` after it; the loop stops early once every row has ended.
 
     Args:
       tokens_to_logits: the step function (module docstring); R = B.
       init_cache: pytree with leaves ``[B, ...]``.
-      rng: a PRNG key; step t draws with ``fold_in(rng, t)``, so a fixed key reproduces.
+      rng: a PRNG key; the token of row b at position t is drawn with
+        ``fold_in(fold_in(rng, t), b)``, so a fixed key reproduces, with or without prefill.
       batch_size: B.
       max_length: T.
       prompt: optional int ``[B, P]`` with P < T, right-padded with ``pad_id`` (row b's
@@ -223,6 +234,10 @@ def sample(
       top_k: keep the k largest logits; 0 = off.
       top_p: in ``(0, 1]``; 1 = off.
       eos_id, pad_id, bos_id: as in :func:`beam_search`.
+      prefill_fn: optional ``(tokens int32 [B, P + 1], cache) -> (logits [B, P + 1, V],
+        cache)``: the positions 0..P at once (a row's positions after its prompt hold
+        padding; their logits are not used, and the step function must overwrite what
+        they left in the cache as the row reaches them).
     """
     name = "sample"
     B, T = _check_sizes(name, batch_size, max_length)
@@ -232,48 +247,89 @@ def sample(
     eos_id, pad_id, bos_id = _check_ids(name, eos_id, pad_id, bos_id)
     seqs = jnp.full((B, T), pad_id, jnp.int32)
     prompt_len = jnp.zeros((B,), jnp.int32)
-    if prompt is not None:
-        prompt = jnp.asarray(prompt)
-        if (
-            prompt.ndim != 2
-            or prompt.shape[0] != B
-            or not jnp.issubdtype(prompt.dtype, jnp.integer)
-        ):
-            raise ValueError(
-                f"{name}: expected an integer prompt [B, P] with B = batch_size = {B}, got "
-                f"shape {prompt.shape} and dtype {prompt.dtype}"
-            )
-        if prompt.shape[1] >= T:
-            raise ValueError(
-                f"{name}: expected the prompt length P < max_length = {T} (room for a "
-                f"sampled token), got P = {prompt.shape[1]}"
-            )
-        # Right-padded: the prompt is everything before the first pad.
-        prompt_len = jnp.argmin(
-            jnp.concatenate([prompt != pad_id, jnp.zeros((B, 1), bool)], axis=1), axis=1
-        ).astype(jnp.int32)  # [B]
-        seqs = seqs.at[:, : prompt.shape[1]].set(prompt.astype(jnp.int32))
+    if prompt is None:
+        prompt = jnp.zeros((B, 0), jnp.int32)
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[0] != B or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(
+            f"{name}: expected an integer prompt [B, P] with B = batch_size = {B}, got "
+            f"shape {prompt.shape} and dtype {prompt.dtype}"
+        )
+    P = prompt.shape[1]
+    if P >= T:
+        raise ValueError(
+            f"{name}: expected the prompt length P < max_length = {T} (room for a "
+            f"sampled token), got P = {P}"
+        )
+    prompt = prompt.astype(jnp.int32)
+    # Right-padded: the prompt is everything before the first pad.
+    prompt_len = jnp.argmin(
+        jnp.concatenate([prompt != pad_id, jnp.zeros((B, 1), bool)], axis=1), axis=1
+    ).astype(jnp.int32)  # [B]
+    seqs = seqs.at[:, :P].set(prompt)
     cache = _check_cache(name, init_cache, B)
-    V = _check_step_fn(name, tokens_to_logits, cache, B, eos_id)
+    per_row = prefill_fn is not None
+    if per_row and not callable(prefill_fn):
+        raise ValueError(f"{name}: prefill_fn must be callable, got {prefill_fn!r}")
+    V = _check_step_fn(name, tokens_to_logits, cache, B, eos_id, per_row_step=per_row)
+    if per_row:
+        _check_prefill_fn(name, prefill_fn, cache, (B, P + 1), V)
 
-    def body(state):
-        step, seqs, done, cache = state
-        last = jnp.where(step == 0, bos_id, _column(seqs, step - 1))  # [B]
-        logits, cache = tokens_to_logits(last, cache, step)  # [B, V]
-        forced = step < prompt_len  # [B]
-        drawn = _draw(jax.random.fold_in(rng, step), logits, V, temperature, top_k, top_p)
-        token = jnp.where(forced, _column(seqs, step), drawn)  # [B]
-        token = jnp.where(done, pad_id, token)
-        done = done | (~forced & (token == eos_id))
-        return step + 1, lax.dynamic_update_index_in_dim(seqs, token, step, axis=1), done, cache
+    def draw(logits, column):  # logits [B, V], column int32 [B] -> token int32 [B]
+        keys = jax.vmap(lambda t, b: jax.random.fold_in(jax.random.fold_in(rng, t), b))(
+            column, jnp.arange(B)
+        )  # [B] keys
+        return _draw(keys, logits, V, temperature, top_k, top_p)
 
-    start = (jnp.int32(0), seqs, jnp.zeros((B,), bool), cache)
-    _, seqs, _, _ = lax.while_loop(_not_all_done(T), body, start)
+    if not per_row:
+
+        def body(state):
+            step, seqs, done, cache = state
+            last = jnp.where(step == 0, bos_id, _column(seqs, step - 1))  # [B]
+            logits, cache = tokens_to_logits(last, cache, step)  # [B, V]
+            forced = step < prompt_len  # [B]
+            drawn = draw(logits, jnp.full((B,), step, jnp.int32))
+            token = jnp.where(forced, _column(seqs, step), drawn)  # [B]
+            token = jnp.where(done, pad_id, token)
+            done = done | (~forced & (token == eos_id))
+            seqs = lax.dynamic_update_index_in_dim(seqs, token, step, axis=1)
+            return step + 1, seqs, done, cache
+
+        start = (jnp.int32(0), seqs, jnp.zeros((B,), bool), cache)
+        _, seqs, _, _ = lax.while_loop(_not_all_done(T), body, start)
+        return seqs
+
+    # Prefill: positions 0..P at once; row b's first new token is at column prompt_len[b].
+    fed = jnp.concatenate([jnp.full((B, 1), bos_id, jnp.int32), prompt], axis=1)  # [B, P+1]
+    logits, cache = prefill_fn(fed, cache)  # [B, P + 1, V]
+    logits = jnp.take_along_axis(logits, prompt_len[:, None, None], axis=1)[:, 0]  # [B, V]
+
+    def emit(seqs, column, logits, done):
+        """Draws row b's token at column[b] (pad once done) and writes it where not done."""
+        token = jnp.where(done, pad_id, draw(logits, column))  # [B]
+        write = (jnp.arange(T)[None, :] == column[:, None]) & ~done[:, None]  # [B, T]
+        seqs = jnp.where(write, token[:, None], seqs)
+        return seqs, token, done | (token == eos_id) | (column + 1 >= T)
+
+    seqs, token, done = emit(seqs, prompt_len, logits, jnp.zeros((B,), bool))
+
+    def more(state):
+        return ~jnp.all(state[2])
+
+    def step_body(state):
+        column, seqs, done, cache, last = state
+        column = jnp.where(done, column, column + 1)  # [B]: the column predicted now
+        logits, cache = tokens_to_logits(last, cache, column)  # [B, V]
+        seqs, token, done = emit(seqs, column, logits, done)
+        return column, seqs, done, cache, token
+
+    _, seqs, _, _, _ = lax.while_loop(more, step_body, (prompt_len, seqs, done, cache, token))
     return seqs
 
 
-def _draw(key, logits, V, temperature, top_k, top_p):
-    """One token per row from logits [B, V] -> int32 [B] (see :func:`sample`)."""
+def _draw(keys, logits, V, temperature, top_k, top_p):
+    """One token per row from logits [B, V] with row b's key ``keys[b]`` -> int32 [B] (see
+    :func:`sample`)."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
     if _static(temperature) == 0.0:
@@ -291,7 +347,7 @@ def _draw(key, logits, V, temperature, top_k, top_p):
         keep = (above < top_p) | (top_p >= 1.0) | (jnp.arange(V) == 0)[None, :]
         cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
         scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)  # [B]
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)  # [B]
     return jnp.where(temperature > 0, drawn, greedy)
 
 
@@ -385,13 +441,15 @@ def _check_cache(fn, cache, B):
     return jax.tree.map(jnp.asarray, cache)
 
 
-def _check_step_fn(fn, tokens_to_logits, cache, R, eos_id) -> int:
-    """Traces one step abstractly; checks ``(logits [R, V], cache like the input)``; -> V."""
+def _check_step_fn(fn, tokens_to_logits, cache, R, eos_id, per_row_step=False) -> int:
+    """Traces one step abstractly (``step`` int32 [] or, `per_row_step`, [R]); checks
+    ``(logits [R, V], cache like the input)``; -> V."""
     if not callable(tokens_to_logits):
         raise ValueError(f"{fn}: tokens_to_logits must be callable, got {tokens_to_logits!r}")
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
     tokens = jax.ShapeDtypeStruct((R,), jnp.int32)
-    out = jax.eval_shape(tokens_to_logits, tokens, spec, jax.ShapeDtypeStruct((), jnp.int32))
+    step = jax.ShapeDtypeStruct((R,) if per_row_step else (), jnp.int32)
+    out = jax.eval_shape(tokens_to_logits, tokens, spec, step)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"{fn}: tokens_to_logits must return (logits, cache), got {out}")
     logits, new = out
@@ -405,15 +463,39 @@ def _check_step_fn(fn, tokens_to_logits, cache, R, eos_id) -> int:
             f"{fn}: expected float logits [R = {R}, V] from tokens_to_logits, got {logits}"
         )
 
+    _check_same_cache(fn, "tokens_to_logits", spec, new)
+    V = logits.shape[1]
+    if eos_id >= V:
+        raise ValueError(f"{fn}: expected eos_id < V = {V} (the logits' width), got {eos_id}")
+    return V
+
+
+def _check_same_cache(fn, what, spec, new):
     def shapes(tree):
         return [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
 
     if jax.tree.structure(new) != jax.tree.structure(spec) or shapes(new) != shapes(spec):
         raise ValueError(
-            f"{fn}: tokens_to_logits must return a cache of the same structure, shapes and "
+            f"{fn}: {what} must return a cache of the same structure, shapes and "
             f"dtypes as it was given; expected {spec}, got {new}"
         )
-    V = logits.shape[1]
-    if eos_id >= V:
-        raise ValueError(f"{fn}: expected eos_id < V = {V} (the logits' width), got {eos_id}")
-    return V
+
+
+def _check_prefill_fn(fn, prefill_fn, cache, shape, V):
+    """Traces the prefill abstractly on tokens `shape` [B, P + 1]; checks ``(logits
+    [B, P + 1, V], cache like the input)``."""
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
+    out = jax.eval_shape(prefill_fn, jax.ShapeDtypeStruct(shape, jnp.int32), spec)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(f"{fn}: prefill_fn must return (logits, cache), got {out}")
+    logits, new = out
+    if (
+        not hasattr(logits, "shape")
+        or tuple(logits.shape) != (*shape, V)
+        or not jnp.issubdtype(logits.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"{fn}: expected float logits [B, P + 1, V] = {(*shape, V)} from prefill_fn, "
+            f"got {logits}"
+        )
+    _check_same_cache(fn, "prefill_fn", spec, new)

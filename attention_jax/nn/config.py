@@ -18,6 +18,8 @@ from attention_jax.core.attention import IMPLEMENTATIONS
 Positional = Literal["sinusoidal", "learned", "rotary", "none"]
 ACTIVATIONS = ("relu", "gelu", "silu")
 POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
+NORMS = ("layernorm", "rmsnorm")
+FEED_FORWARDS = ("mlp", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,14 @@ class TransformerConfig:
     max_len: int = 512  # longest sequence accepted (and size of a learned position table)
     positional: Positional = "sinusoidal"  # or learned, rotary (applied to q, k), none
     pre_ln: bool = False  # False: the paper's post-LN, LayerNorm(x + Dropout(Sublayer(x)))
-    activation: str = "relu"  # feed-forward nonlinearity: relu (paper), gelu, silu
+    activation: str = "relu"  # feed-forward nonlinearity: relu (paper), gelu, silu ('mlp' only)
+    # The knobs of today's decoder-only LMs; each default is the paper's model (and today's
+    # parameters, so checkpoints and parameter counts stay as they were).
+    num_kv_heads: int | None = None  # K key/value heads: grouped-query (1: multi-query); None: N
+    norm: str = "layernorm"  # or "rmsnorm": x / RMS(x) · g (Zhang & Sennrich 2019), no bias
+    feed_forward: str = "mlp"  # or "swiglu": (Swish(x·W) ⊙ x·V)·W2, no biases (Shazeer 2020)
+    attention_bias: bool = True  # biases on W_Q, W_K, W_V, W_O (the paper's equations have none)
+    tie_output_embedding: bool | None = None  # logits = y·Eᵀ (sec. 3.4); None: share_embeddings
     layer_norm_epsilon: float = 1e-6
     pad_id: int = 0  # padding token id; padded keys are never attended to
     dtype: Any = jnp.float32  # computation dtype (e.g. jnp.bfloat16)
@@ -58,6 +67,18 @@ class TransformerConfig:
     def head_dim(self) -> int:
         """H = d_model / num_heads (d_k = d_v in the paper)."""
         return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """K: key/value heads (``num_kv_heads``, or N when it is None)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def tied_output(self) -> bool:
+        """Whether the pre-softmax projection is the (target) embedding matrix transposed."""
+        if self.tie_output_embedding is None:
+            return self.share_embeddings
+        return self.tie_output_embedding
 
     @property
     def decoder_layers(self) -> int:
@@ -114,15 +135,19 @@ def _positive_int(value) -> bool:
 _FIELD_RULES = (
     (("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"), _positive_int,
      "a positive int"),
-    (("target_vocab_size", "num_decoder_layers"), lambda v: v is None or _positive_int(v),
-     "a positive int"),
-    (("share_embeddings", "pre_ln"), lambda v: isinstance(v, bool),  # "False" is truthy
-     "True or False"),
+    (("target_vocab_size", "num_decoder_layers", "num_kv_heads"),
+     lambda v: v is None or _positive_int(v), "None or a positive int"),
+    (("share_embeddings", "pre_ln", "attention_bias"), lambda v: isinstance(v, bool),
+     "True or False"),  # "False" is truthy
+    (("tie_output_embedding",), lambda v: v is None or isinstance(v, bool),
+     "None, True or False"),
     (("dropout_rate", "attention_dropout_rate"), lambda v: is_real(v) and 0.0 <= v < 1.0,
      "in [0, 1)"),
     (("layer_norm_epsilon",), lambda v: is_real(v) and v > 0, "> 0"),
     (("positional",), lambda v: v in POSITIONALS, f"one of {POSITIONALS}"),
     (("activation",), lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
+    (("norm",), lambda v: v in NORMS, f"one of {NORMS}"),
+    (("feed_forward",), lambda v: v in FEED_FORWARDS, f"one of {FEED_FORWARDS}"),
     (("attention_implementation",), lambda v: v in (None, *IMPLEMENTATIONS),
      f"None or one of {IMPLEMENTATIONS}"),
     (("dtype", "param_dtype"), _is_float_dtype,
@@ -134,6 +159,10 @@ _RULES = (
     (lambda c: c.d_model % c.num_heads == 0,
      lambda c: f"TransformerConfig: num_heads={c.num_heads} must divide d_model={c.d_model} "
                "(head dim = d_model / num_heads)"),
+    (lambda c: c.num_heads % c.kv_heads == 0,
+     lambda c: f"TransformerConfig: num_kv_heads={c.num_kv_heads} must divide "
+               f"num_heads={c.num_heads} (each key/value head serves num_heads / num_kv_heads "
+               "query heads)"),
     (lambda c: c.positional not in ("sinusoidal", "rotary") or c.d_model % 2 == 0,
      lambda c: f"TransformerConfig: d_model must be even, got {c.d_model}"),
     (lambda c: c.positional != "rotary" or c.head_dim % 2 == 0,

@@ -1,8 +1,8 @@
 """Flax Linen layers of the Transformer.
 
 Modules own parameters (each with logical axis names for sharding: ``vocab, embed, heads,
-kv, mlp, position``; see sharding.py) and call the pure functions of `attention_jax.core`
-for the computation.
+kv_heads, kv, mlp, position``; see sharding.py) and call the pure functions of
+`attention_jax.core` for the computation.
 """
 
 from __future__ import annotations
@@ -30,44 +30,59 @@ def _with_axes(init, axes):
 
 
 class ProjectionParams(nn.Module):
-    """Owns one attention projection's kernel and bias (Flax MultiHeadDotProductAttention's
-    layout) and returns them as ``{'kernel', 'bias'}`` for the pure multi-head function."""
+    """Owns one attention projection's kernel and (``use_bias``) bias, in Flax
+    MultiHeadDotProductAttention's layout, and returns them as ``{'kernel', 'bias'?}`` for the
+    pure multi-head function (which takes the bias as optional)."""
 
     kernel_shape: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     in_axis: int | tuple[int, ...]
     out_axis: int | tuple[int, ...]
     param_dtype: object = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self) -> dict:
         bias_shape = self.kernel_shape[1:] if self.in_axis == 0 else self.kernel_shape[-1:]
         bias_axes = self.kernel_axes[1:] if self.in_axis == 0 else self.kernel_axes[-1:]
         kernel_init = _xavier(in_axis=self.in_axis, out_axis=self.out_axis)
-        return {
+        params = {
             "kernel": self.param(
                 "kernel",
                 _with_axes(kernel_init, self.kernel_axes),
                 self.kernel_shape,
                 self.param_dtype,
-            ),
-            "bias": self.param(
-                "bias", _with_axes(nn.initializers.zeros, bias_axes), bias_shape, self.param_dtype
-            ),
+            )
         }
+        if self.use_bias:
+            params["bias"] = self.param(
+                "bias", _with_axes(nn.initializers.zeros, bias_axes), bias_shape, self.param_dtype
+            )
+        return params
 
 
 class MultiHeadAttention(nn.Module):
     """Projections (W_Q, W_K, W_V, W_O) + the pure scaled dot-product attention.
 
+    With ``config.num_kv_heads = K < N`` (grouped-query; K = 1: multi-query) W_K and W_V
+    produce K heads ``[D, K, H]`` and query head n reads key/value head ``n // (N / K)``, as
+    in ``jax.nn.dot_product_attention``. Their logical head axis is then ``kv_heads`` (no
+    rule in the default table: replicated, so any K works on any ``model`` axis).
+
     When the ``intermediates`` collection is mutable, the weights ``[B, N, T, S]`` are sown
     as ``intermediates/<this module>/attention_weights`` (outputs are unchanged).
 
     With ``decode=True`` it keeps a KV cache in the ``cache`` collection: the first call
-    (cache not yet created, ``x`` of the maximum decode length) creates it; each later call
-    takes one new position ``x [B, 1, D]``. Self-attention appends the new key and value at
-    ``cache_index`` and attends over positions ``<= cache_index``; cross-attention
-    (``cross=True``) projects the encoder output once, in the creating call, and reuses it.
+    (cache not yet created, ``x`` of the maximum decode length S) creates it; each later call
+    takes a block of P >= 1 new positions ``x [B, P, D]`` (P > 1: a prompt's prefill) with
+    their ``cache_positions [B, P]``. Self-attention writes each new key and value into the
+    cache slot of its position (per row, so rows may be at different positions), and query
+    p attends to slots ``<= p``: causal inside the block and against everything the row
+    wrote before. A row's slots below p must hold its own earlier positions (feed each row
+    its positions in order); slots above p may hold anything (right padding of a prefill).
+    Without ``cache_positions`` the block goes to each row's next ``cache_index`` slots.
+    The cache stores K heads ``[B, S, K, H]``. Cross-attention (``cross=True``) projects the
+    encoder output once, in the creating call, and reuses it.
     """
 
     config: TransformerConfig
@@ -85,27 +100,37 @@ class MultiHeadAttention(nn.Module):
         positions=None,
         kv_positions=None,
         decode: bool = False,
+        cache_positions=None,
     ):
-        """x [B, T, D], kv [B, S, D], mask bool broadcastable to [B, N, T, S]."""
+        """x [B, T, D], kv [B, S, D], mask bool broadcastable to [B, N, T, S]; `positions`,
+        `kv_positions`: rotary positions (or None); `cache_positions` [B, T]: the cache
+        slots of a decode block (see the class docstring)."""
         cfg = self.config
-        D, N, H = cfg.d_model, cfg.num_heads, cfg.head_dim
-        proj = dict(kernel_axes=("embed", "heads", "kv"), in_axis=0, out_axis=(1, 2))
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        common = dict(in_axis=0, out_axis=(1, 2), param_dtype=cfg.param_dtype,
+                      use_bias=cfg.attention_bias)  # fmt: skip
+        kv_axis = "heads" if K == N else "kv_heads"  # K = N: exactly the layout of the paper's
         params = {
-            name: ProjectionParams(
-                kernel_shape=(D, N, H), param_dtype=cfg.param_dtype, name=name, **proj
+            "query": ProjectionParams(
+                kernel_shape=(D, N, H), kernel_axes=("embed", "heads", "kv"), name="query",
+                **common,
             )()
-            for name in ("query", "key", "value")
-        }
+        }  # fmt: skip
+        for name in ("key", "value"):
+            params[name] = ProjectionParams(
+                kernel_shape=(D, K, H), kernel_axes=("embed", kv_axis, "kv"), name=name, **common
+            )()
         params["out"] = ProjectionParams(
             kernel_shape=(N, H, D),
             kernel_axes=("heads", "kv", "embed"),
             in_axis=(0, 1),
             out_axis=2,
             param_dtype=cfg.param_dtype,
+            use_bias=cfg.attention_bias,
             name="out",
         )()
         if decode and self.has_variable("cache", "cached_key"):
-            return self._cached_step(params, x, mask, positions)
+            return self._cached_step(params, x, mask, positions, cache_positions)
         if decode:
             self._create_cache(params, x, kv)
         dropout = cfg.attention_dropout_rate if not deterministic else 0.0
@@ -115,6 +140,7 @@ class MultiHeadAttention(nn.Module):
             x,
             kv,
             num_heads=N,
+            num_kv_heads=K,
             mask=mask,
             dropout_rng=self.make_rng("dropout") if dropout > 0 else None,
             dropout_rate=dropout,
@@ -134,60 +160,86 @@ class MultiHeadAttention(nn.Module):
     def _create_cache(self, params, x, kv):
         cfg = self.config
         B, S = x.shape[:2]  # S: the longest decode, the cache's key length
-        if self.cross:  # the encoder's keys and values, projected once
+        if self.cross:  # the encoder's keys and values, projected once: [B, S_enc, K, H]
             for name in ("key", "value"):
                 self.variable(
                     "cache", f"cached_{name}", project_heads, params[name], kv, dtype=cfg.dtype
                 )
             return
-        shape = (B, S, cfg.num_heads, cfg.head_dim)  # [B, S, N, H]
+        shape = (B, S, cfg.kv_heads, cfg.head_dim)  # [B, S, K, H]: K heads, GQA's saving
         self.variable("cache", "cached_key", jnp.zeros, shape, cfg.dtype)
         self.variable("cache", "cached_value", jnp.zeros, shape, cfg.dtype)
-        # One index per row (all equal), so every cache leaf leads with B and beam search
-        # can reorder rows with one gather.
+        # Per row: one past the last slot written. Every cache leaf leads with B, so beam
+        # search can reorder rows with one gather.
         self.variable("cache", "cache_index", jnp.zeros, (B,), jnp.int32)
 
-    def _cached_step(self, params, x, mask, positions):
-        """One position: x [B, 1, D] -> [B, 1, D]."""
+    def _cached_step(self, params, x, mask, positions, slots):
+        """A block of P positions through the cache: x [B, P, D] -> [B, P, D]."""
         cfg = self.config
-        q = project_heads(params["query"], x, dtype=cfg.dtype)  # [B, 1, N, H]
+        q = project_heads(params["query"], x, dtype=cfg.dtype)  # [B, P, N, H]
         key, value = self.variable("cache", "cached_key"), self.variable("cache", "cached_value")
         if not self.cross:
+            B, P = x.shape[:2]
+            S = key.value.shape[1]
             index = self.variable("cache", "cache_index")
-            t = index.value[0]
-            k = project_heads(params["key"], x, dtype=cfg.dtype)  # [B, 1, N, H]
+            if slots is None:  # the next P slots of each row
+                slots = index.value[:, None] + jnp.arange(P, dtype=jnp.int32)[None]  # [B, P]
+            slots = jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (B, P))
+            if not isinstance(slots, jax.core.Tracer) and (
+                int(slots.min()) < 0 or int(slots.max()) >= S
+            ):
+                raise ValueError(
+                    f"decode positions must be in [0, {S}) (the cache's length, the longest "
+                    f"decode), got min {int(slots.min())}, max {int(slots.max())}"
+                )
+            k = project_heads(params["key"], x, dtype=cfg.dtype)  # [B, P, K, H]
             v = project_heads(params["value"], x, dtype=cfg.dtype)
             if cfg.positional == "rotary":
                 q = apply_rotary_embedding(q, positions)
                 k = apply_rotary_embedding(k, positions)
-            key.value = jax.lax.dynamic_update_slice(key.value, k, (0, t, 0, 0))
-            value.value = jax.lax.dynamic_update_slice(value.value, v, (0, t, 0, 0))
-            index.value = index.value + 1
-            S = key.value.shape[1]
-            mask = (jnp.arange(S) <= t)[None, None, None, :]  # [1, 1, 1, S]: the past only
+            rows = jnp.arange(B)[:, None]  # [B, 1], against slots [B, P]
+            key.value = key.value.at[rows, slots].set(k.astype(key.value.dtype), mode="drop")
+            value.value = value.value.at[rows, slots].set(v.astype(value.value.dtype), mode="drop")
+            index.value = slots[:, -1] + 1
+            # Query p sees the slots <= p: its row's past and the block's earlier positions.
+            mask = jnp.arange(S)[None, None, None, :] <= slots[:, None, :, None]  # [B,1,P,S]
         heads = dot_product_attention(
             q, key.value, value.value, mask=mask, dtype=cfg.dtype, implementation="xla"
-        )  # [B, 1, N, H]
-        return merge_heads(params["out"], heads, dtype=cfg.dtype)  # [B, 1, D]
+        )  # [B, P, N, H]
+        return merge_heads(params["out"], heads, dtype=cfg.dtype)  # [B, P, D]
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = act(x·W1 + b1)·W2 + b2, applied to each position (section 3.3)."""
+    """The position-wise feed-forward (section 3.3), one of ``config.feed_forward``:
+
+    - ``'mlp'`` (the paper): ``FFN(x) = act(x·W1 + b1)·W2 + b2``, W1 ``wi`` [D, F], W2 ``wo``;
+    - ``'swiglu'`` (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6):
+      ``FFN(x) = (Swish(x·W) ⊙ x·V)·W2`` with W ``wi_0`` [D, F], V ``wi_1`` [D, F], W2 ``wo``
+      [F, D] and, as there, no biases; Swish = SiLU, whatever ``activation`` says. F is
+      ``d_ff`` (the paper of SwiGLU shrinks it to 2/3 to keep the parameter count: set it).
+    """
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        h = nn.Dense(
-            cfg.d_ff,
-            kernel_init=_with_axes(_xavier(), ("embed", "mlp")),
-            bias_init=_with_axes(nn.initializers.zeros, ("mlp",)),
-            name="wi",
-            **dense,
-        )(x)  # [B, T, F]
-        h = getattr(nn, cfg.activation)(h)
+        swiglu = cfg.feed_forward == "swiglu"
+        dense = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=not swiglu)
+
+        def up(name):  # x [B, T, D] -> [B, T, F]
+            return nn.Dense(
+                cfg.d_ff,
+                kernel_init=_with_axes(_xavier(), ("embed", "mlp")),
+                bias_init=_with_axes(nn.initializers.zeros, ("mlp",)),
+                name=name,
+                **dense,
+            )(x)
+
+        if swiglu:
+            h = nn.silu(up("wi_0")) * up("wi_1")  # [B, T, F]
+        else:
+            h = getattr(nn, cfg.activation)(up("wi"))  # [B, T, F]
         return nn.Dense(
             cfg.d_model,
             kernel_init=_with_axes(_xavier(), ("mlp", "embed")),
@@ -197,7 +249,17 @@ class FeedForward(nn.Module):
         )(h)  # [B, T, D]
 
 
-def layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
+def normalization(cfg: TransformerConfig, name: str) -> nn.Module:
+    """The normalisation of ``config.norm``: LayerNorm (the paper; Ba et al. 2016) or RMSNorm
+    ``x / sqrt(mean(x²) + ε) · g`` (Zhang & Sennrich 2019: no centring, no bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=cfg.layer_norm_epsilon,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            scale_init=_with_axes(nn.initializers.ones, ("embed",)),
+            name=name,
+        )
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_epsilon,
         dtype=cfg.dtype,
@@ -209,15 +271,15 @@ def layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
 
 
 class Residual(nn.Module):
-    """Post-LN ``LayerNorm(x + Dropout(f(x)))`` (the paper) or pre-LN
-    ``x + Dropout(f(LayerNorm(x)))``."""
+    """Post-LN ``Norm(x + Dropout(f(x)))`` (the paper) or pre-LN ``x + Dropout(f(Norm(x)))``;
+    Norm is LayerNorm or RMSNorm (`normalization`)."""
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, x, sublayer, *, deterministic: bool):
         cfg = self.config
-        norm = layer_norm(cfg, "norm")
+        norm = normalization(cfg, "norm")
         drop = nn.Dropout(cfg.dropout_rate)
         if cfg.pre_ln:
             return x + drop(sublayer(norm(x)), deterministic=deterministic)
@@ -261,7 +323,10 @@ class DecoderLayer(nn.Module):
         deterministic: bool,
         positions=None,
         decode: bool = False,
+        cache_positions=None,
     ):
+        """`positions`: rotary positions (or None); `cache_positions` [B, T]: the positions
+        of a KV-cached decode block (see MultiHeadAttention)."""
         cfg = self.config
         attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
         y = Residual(cfg, name="attention_block")(
@@ -274,6 +339,7 @@ class DecoderLayer(nn.Module):
                 positions=positions,
                 kv_positions=positions,
                 decode=decode,
+                cache_positions=cache_positions,
             ),
             deterministic=deterministic,
         )

@@ -20,7 +20,7 @@ import numpy as np
 from attention_jax.core.masks import combine_masks, padding_mask, segment_mask
 from attention_jax.core.positional import sinusoidal_positional_encoding
 from attention_jax.nn.config import TransformerConfig
-from attention_jax.nn.layers import DecoderLayer, Embedder, EncoderLayer, layer_norm
+from attention_jax.nn.layers import DecoderLayer, Embedder, EncoderLayer, normalization
 
 
 def shift_right(tokens, bos_id: int = 0):
@@ -148,13 +148,15 @@ class Encoder(nn.Module):
                 x, mask, deterministic=not train, positions=rotary
             )
         if cfg.pre_ln:
-            x = layer_norm(cfg, "final_norm")(x)
+            x = normalization(cfg, "final_norm")(x)
         return x  # [B, S, D]
 
 
 class Decoder(nn.Module):
     """Decoder stack with causal self-attention and (if ``cross``) cross-attention; returns
-    logits over the target vocabulary."""
+    logits over the target vocabulary: ``y · Eᵀ`` with the embedding's matrix E when
+    ``config.tied_output`` (section 3.4), else a separate ``logits`` layer ``y · W + b``
+    (W [D, V])."""
 
     config: TransformerConfig
     embedder: Embedder
@@ -201,10 +203,11 @@ class Decoder(nn.Module):
                 deterministic=not train,
                 positions=rotary,
                 decode=decode,
+                cache_positions=positions if decode else None,
             )
         if cfg.pre_ln:
-            y = layer_norm(cfg, "final_norm")(y)
-        if cfg.share_embeddings:
+            y = normalization(cfg, "final_norm")(y)
+        if cfg.tied_output:
             return self.embedder.attend(y)  # [B, T, V]
         return nn.Dense(
             cfg.output_vocab_size,
@@ -260,8 +263,9 @@ class Transformer(nn.Module):
 
         ``decode=True`` uses the KV cache (see layers.MultiHeadAttention): the first call,
         with ``decoder_inputs`` of the longest decode and the real `encoded`, creates it
-        (``mutable=['cache']``); later calls pass one position ``[B, 1]`` with its
-        ``positions [B, 1]`` and ``encoded=None`` (the encoder's keys are cached)."""
+        (``mutable=['cache']``); later calls pass a block of positions ``[B, P]`` (one
+        token, P = 1, or several at once) with their ``positions [B, P]`` and
+        ``encoded=None`` (the encoder's keys are cached)."""
         cfg = self.config
         inputs = check_tokens("inputs", inputs, cfg)
         decoder_inputs = check_tokens("decoder_inputs", decoder_inputs, cfg, cfg.output_vocab_size)
@@ -344,8 +348,14 @@ class TransformerLM(nn.Module):
         self, tokens, *, train: bool = False, positions=None, segmentation=None, decode=False
     ):
         """tokens [B, T] -> logits [B, T, V]; ``decode=True``: the KV cache, as in
-        `Transformer.decode` (create it with tokens of the longest decode, then one position
-        ``[B, 1]`` per call with its ``positions``)."""
+        `Transformer.decode`: create it with tokens of the longest decode
+        (``mutable=['cache']``), then pass blocks of positions ``[B, P]`` with their
+        ``positions [B, P]``: a prompt at once (prefill), then one token per call. Each row
+        may be at its own position (prompts of different lengths): query p attends to the
+        cache slots ``<= p`` of its row, so a right-padded prefill is exact for every row
+        up to its own length, and the row continues from there. The cache does not read
+        the pad id: a pad inside a row's decoded prefix is attended to (the full model
+        would mask it); generation never produces one."""
         tokens = check_tokens("tokens", tokens, self.config)
         _check_packing("tokens", tokens, positions, segmentation)
         return self.decoder(

@@ -1,8 +1,11 @@
 """Sharding is data: a device mesh with named axes and one table of logical-axis rules.
 
-Every parameter carries logical axis names (``vocab, embed, heads, kv, mlp, position``; see
-layers.py). A rules table maps each logical name to a mesh axis (or None = replicated), and
-batches are split along ``data`` (and ``fsdp``).
+Every parameter carries logical axis names (``vocab, embed, heads, kv, mlp, position``, and
+``kv_heads`` for grouped-query key/value heads; see layers.py). A rules table maps each
+logical name to a mesh axis (or None = replicated), and batches are split along ``data``
+(and ``fsdp``). A name without a rule is replicated: the default table has none for
+``kv_heads``, so any K works on any ``model`` axis (add ``("kv_heads", "model")`` when the
+model axis divides K).
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ def peak_flops_per_device(device=None) -> float | None:
 def _layer_weights(cfg: TransformerConfig) -> tuple[int, int]:
     """Matmul weights of one encoder layer and one decoder layer (biases left out)."""
     d, f = cfg.d_model, cfg.d_ff
-    attention = 4 * d * d  # W_q, W_k, W_v [D, N, H] and W_o [N, H, D]
-    ffn = 2 * d * f
+    kv = cfg.kv_heads * cfg.head_dim  # K·H: narrower than D with grouped-query attention
+    attention = 2 * d * d + 2 * d * kv  # W_q [D, N, H], W_o [N, H, D]; W_k, W_v [D, K, H]
+    ffn = (3 if cfg.feed_forward == "swiglu" else 2) * d * f  # SwiGLU: gate, up and down
     return attention + ffn, 2 * attention + ffn  # decoder: self- and cross-attention
 
 
