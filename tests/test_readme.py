@@ -369,6 +369,36 @@ def _check_prepared_local(r: Result, box: Sandbox) -> None:
     assert vocab.exists() and "8000 pieces" in r.stdout
 
 
+def _check_lm_trained(workdir: Callable[[Sandbox], pathlib.Path]) -> Callable:
+    def check(r: Result, box: Sandbox) -> None:
+        # README: "per-token loss, perplexity and bits per byte"
+        assert re.search(r"final \w+ metrics.*perplexity .*bits_per_byte", r.stdout), r.stdout[
+            -2000:
+        ]
+        path = workdir(box)
+        for name in ("checkpoints", "metrics.jsonl", "vocab.model", "config.json"):
+            assert (path / name).exists(), f"{path / name} missing"
+
+    return check
+
+
+def _check_generated(r: Result, box: Sandbox) -> None:
+    # "prints prompt + continuation, one line per sample"
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("the small dog"), r.stdout
+
+
+def _write_text_corpus(box: Sandbox) -> None:
+    train, dev = _corpus(1000, seed=4), _corpus(32, seed=5)
+    (box.repo / "train.txt").write_text("".join(s + "\n" for s, _ in train))
+    (box.repo / "dev.txt").write_text("".join(s + "\n" for s, _ in dev))
+
+
+def _check_prepared_text(r: Result, box: Sandbox) -> None:
+    assert "my_text" in r.stdout, r.stdout
+    assert (box.home / "tensorflow_datasets" / "my_text").is_dir()
+
+
 def _check_unprepared(r: Result, box: Sandbox) -> None:
     # README: "a dataset that is not prepared stops training with the command that prepares it"
     assert r.returncode != 0 and "Traceback" not in r.output
@@ -490,6 +520,21 @@ TRAIN_BASE = (
     ".venv/bin/python experiments/train.py --config=experiments/configs/wmt14_base.py "
     "--workdir=$HOME/wmt_base"
 )
+# lm.py made tiny: 3 steps of a 1-layer d_model=32 LM on 2,000 sentences, 300 pieces.
+TINY_LM = (
+    "--config.num_train_steps=3 --config.model.num_layers=1 --config.model.d_model=32 "
+    "--config.model.num_heads=4 --config.model.d_ff=64 --config.model.vocab_size=300 "
+    "'--config.data.corpus_sizes=(2000,32,32)' --config.data.tokens_per_batch=512 "
+    "--config.data.eval_batch_size=16 --config.eval_every=1000 --config.checkpoint_every=3 "
+    "--config.log_every=1"
+)
+TRAIN_LM = (
+    ".venv/bin/python experiments/train.py --config=experiments/configs/lm.py --workdir=/tmp/lm"
+)
+PREPARE_TEXT = (
+    ".venv/bin/python experiments/prepare_data.py --dataset=local_text --name=my_text "
+    "--train=train.txt --validation=dev.txt --vocab_size=2000"
+)
 MAKE_TRAIN = "make train"
 TRANSLATE = (
     ".venv/bin/python experiments/translate.py --workdir=workdir/default --input=in.txt "
@@ -563,6 +608,26 @@ COMMANDS: dict[str, Run] = {
         "process of the suite may take it first (failed 1 run in 5 under -n 2)",
         why="a free port instead of 12355; the loop's bare `wait` replaced by one that fails "
         "when a process fails",
+    ),
+    # Language model.
+    TRAIN_LM: Run("train-lm", args=TINY_LM, check=_check_lm_trained(lambda box: box.tmp / "lm")),
+    '.venv/bin/python experiments/generate.py --workdir=/tmp/lm --prompt="the small dog" '
+    "--max_new_tokens=12 --temperature=0": Run(
+        "generate", needs=(TRAIN_LM,), check=_check_generated
+    ),
+    PREPARE_TEXT: Run(
+        "prepare-text",
+        files=_write_text_corpus,
+        check=_check_prepared_text,
+        why="runs as written on generated files train.txt, dev.txt (1,000 / 32 sentences)",
+    ),
+    ".venv/bin/python experiments/train.py --config=experiments/configs/lm.py "
+    "--workdir=/tmp/my_lm --config.data.dataset=my_text": Run(
+        "train-lm-text",
+        needs=(PREPARE_TEXT,),
+        args=TINY_LM.replace("--config.model.vocab_size=300 ", ""),
+        check=_check_lm_trained(lambda box: box.tmp / "my_lm"),
+        why="the prepared corpus's own 2000-piece vocabulary (vocab_size is taken from it)",
     ),
     # Translating and scoring (the workdir of `make train`).
     TRANSLATE: Run(

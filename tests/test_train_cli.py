@@ -136,6 +136,11 @@ OVERRIDES = {
     "dtype": ("float16", "float16"),
     "param_dtype": ("bfloat16", "bfloat16"),
     "attention_implementation": ("blockwise", "blockwise"),
+    "num_kv_heads": ("1", 1),
+    "norm": ("rmsnorm", "rmsnorm"),
+    "feed_forward": ("swiglu", "swiglu"),
+    "attention_bias": ("False", False),
+    "tie_output_embedding": ("True", True),
 }
 
 

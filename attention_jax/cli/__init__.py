@@ -2,6 +2,7 @@
 
     attention-jax train --config=default --workdir=W      (or: python -m attention_jax train ...)
     attention-jax translate --workdir=W --input=in.txt
+    attention-jax generate --workdir=W --prompt="the small dog"
     attention-jax evaluate --workdir=W
     attention-jax prepare --dataset=...
 
@@ -18,6 +19,7 @@ import sys
 COMMANDS = {
     "train": ("attention_jax.cli.train", "train a model in a workdir (resumes)"),
     "translate": ("attention_jax.cli.translate", "translate text with a trained workdir"),
+    "generate": ("attention_jax.cli.generate", "continue prompts with a language-model workdir"),
     "evaluate": ("attention_jax.cli.evaluate", "sacreBLEU / chrF of a trained workdir"),
     "prepare": ("attention_jax.cli.prepare_data", "prepare a dataset and its vocabulary"),
 }

@@ -1,6 +1,7 @@
-"""``attention-jax train``: train a Transformer in a workdir (rerun the same command to resume).
+"""``attention-jax train``: train a Transformer or a decoder-only LM in a workdir (rerun to resume).
 
     attention-jax train --config=default --workdir=/tmp/aj           (a shipped config's name)
+    attention-jax train --config=lm --workdir=/tmp/aj_lm             (a decoder-only LM)
     attention-jax train --config=experiments/configs/default.py ...   (or any config file)
     attention-jax train --list_configs                                (the shipped configs)
     attention-jax train --config=wmt14_base --dry_run                 (the resolved config)

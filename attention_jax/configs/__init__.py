@@ -1,8 +1,9 @@
 """The shipped experiment configs: ml_collections files with a ``get_config()``.
 
-``--config=NAME`` (``default``, ``reversal``, ``wmt14_base``, ``wmt14_big``) names one of
-these, wherever the package is installed; ``--config=PATH.py`` is any file. They are
-package data, so a wheel has them; experiments/configs/*.py in a clone re-export them.
+``--config=NAME`` (``default``, ``reversal``, ``wmt14_base``, ``wmt14_big``; the language
+models ``lm`` and ``lm1b``) names one of these, wherever the package is installed;
+``--config=PATH.py`` is any file. They are package data, so a wheel has them;
+experiments/configs/*.py in a clone re-export them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def names() -> list[str]:
-    """The shipped configs, e.g. ``['default', 'reversal', 'wmt14_base', 'wmt14_big']``."""
+    """The shipped configs, e.g. ``['default', 'lm', 'lm1b', 'reversal', 'wmt14_base',
+    'wmt14_big']``."""
     return sorted(
         f.removesuffix(".py")
         for f in os.listdir(HERE)

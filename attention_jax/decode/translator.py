@@ -30,7 +30,7 @@ from attention_jax.data.tasks import load_eval_pairs
 from attention_jax.data.tokenizer import EOS_ID, Tokenizer
 from attention_jax.decode import decoding
 from attention_jax.nn.config import TransformerConfig
-from attention_jax.nn.model import Transformer
+from attention_jax.nn.model import Transformer, TransformerLM
 from attention_jax.workdir import checkpoints_dir, config_path, load_config, vocab_path
 from attention_jax.workdir.checkpoint import (
     Checkpointer,
@@ -38,7 +38,12 @@ from attention_jax.workdir.checkpoint import (
     average_checkpoints,
     check_same_tree,
 )
-from attention_jax.workdir.experiment import model_config, model_signature
+from attention_jax.workdir.experiment import (
+    model_config,
+    model_kind,
+    model_signature,
+    signature_differences,
+)
 
 # ---- Text lines. -----------------------------------------------------------------------
 #
@@ -369,8 +374,7 @@ def _check_checkpoint(workdir: str, config, cfg: TransformerConfig, tokenizer: T
     def check(step: int, meta: dict) -> None:
         theirs = meta.get("model")
         if isinstance(theirs, dict):  # checkpoints written before signatures have none
-            # The fields the checkpoint recorded (a newer signature may hold more).
-            differ = [k for k in sorted(theirs) if ours.get(k) != theirs[k]]
+            differ = signature_differences(ours, theirs)
             if differ:
                 shown = "; ".join(
                     f"{k}: config.json {_stated(config.model, k, ours.get(k))}, "
@@ -416,51 +420,17 @@ class Translator:
         Nothing in the workdir is written. A damaged checkpoint is skipped for the next
         older one, said in one line through `log`. config.json and vocab.model are checked
         against the checkpoints' stored model signature and vocabulary fingerprint."""
-        config = load_config(workdir)
-        try:
-            cfg: TransformerConfig = model_config(config)
-        except (TypeError, ValueError) as e:  # unknown fields, a list where a number belongs
-            raise ValueError(f"{config_path(workdir)}: {e}") from None
-        vocab = vocab_path(workdir)
-        if not os.path.exists(vocab):
-            raise FileNotFoundError(f"{vocab} does not exist: this workdir has no vocabulary")
-        tokenizer = Tokenizer.load(vocab)
-        if tokenizer.vocab_size != cfg.vocab_size:
+        config, cfg, tokenizer = load_model_config(workdir)
+        if model_kind(config) == "lm":  # a decoder-only model: nothing to translate from
             raise ValueError(
-                f"{vocab} has {tokenizer.vocab_size} pieces but the model in "
-                f"{config_path(workdir)} has vocab_size={cfg.vocab_size}"
+                f"{workdir} is a language-model workdir, not a translation one; use "
+                "generate.py (or evaluate.py) with it"
             )
-        directory = checkpoints_dir(os.path.abspath(workdir))
-        ckpt = None
-        if os.path.isdir(directory):  # Checkpointer would create it: nothing is written here
-            ckpt = Checkpointer(workdir, create=False, log=log)
-        if ckpt is None or not ckpt.steps():
-            raise FileNotFoundError(
-                f"{directory} holds no checkpoint: train first (experiments/train.py "
-                f"--workdir={workdir})"
-            )
-        check = _check_checkpoint(workdir, config, cfg, tokenizer)
-        try:
-            if average_last > 1:
-                ckpt.close()  # average_checkpoints opens its own
-                ckpt = None
-                params, steps = average_checkpoints(
-                    workdir, average_last, check_meta=check, log=log
-                )
-            else:
-                found = next(ckpt.intact(check_meta=check), None)
-                if found is None:
-                    raise FileNotFoundError(
-                        f"no checkpoint in {directory} reads back whole (steps "
-                        f"{ckpt.steps()}, see above)"
-                    )
-                params, steps = found[2], [found[0]]
-        finally:
-            if ckpt is not None:
-                ckpt.close()
-        params = jax.tree.map(jnp.asarray, params)
-        _check_params(workdir, steps, cfg, params)
-        return cls(Transformer(cfg), params, tokenizer, steps)
+        model = Transformer(cfg)
+        params, steps = load_params(
+            workdir, config, tokenizer, model, average_last=average_last, log=log
+        )
+        return cls(model, params, tokenizer, steps)
 
     def translate(
         self,
@@ -527,12 +497,80 @@ class Translator:
         return np.append(ids[: limit - 1], EOS_ID).astype(np.int32)
 
 
-def _check_params(workdir: str, steps: list[int], cfg: TransformerConfig, params) -> None:
+def load_model_config(
+    workdir: str,
+) -> tuple[ml_collections.ConfigDict, TransformerConfig, Tokenizer]:
+    """A workdir's config.json, the model it describes and its vocabulary (checked against
+    the model's vocab_size). Nothing is written."""
+    config = load_config(workdir)
+    try:
+        cfg: TransformerConfig = model_config(config)
+    except (TypeError, ValueError) as e:  # unknown fields, a list where a number belongs
+        raise ValueError(f"{config_path(workdir)}: {e}") from None
+    vocab = vocab_path(workdir)
+    if not os.path.exists(vocab):
+        raise FileNotFoundError(f"{vocab} does not exist: this workdir has no vocabulary")
+    tokenizer = Tokenizer.load(vocab)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(
+            f"{vocab} has {tokenizer.vocab_size} pieces but the model in "
+            f"{config_path(workdir)} has vocab_size={cfg.vocab_size}"
+        )
+    return config, cfg, tokenizer
+
+
+def load_params(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    model: nn.Module,
+    *,
+    average_last: int = 0,
+    log: Callable[[str], None] = _stderr,
+) -> tuple[dict, list[int]]:
+    """The params of the newest intact checkpoint of `workdir` (or the mean of the last
+    `average_last`) and their steps, checked against `model` (a `Transformer` or a
+    `TransformerLM` of the config.json model), its signature and `tokenizer`. A damaged
+    checkpoint is skipped for the next older one, said through `log`; nothing is written."""
+    cfg = model.config
+    directory = checkpoints_dir(os.path.abspath(workdir))
+    ckpt = None
+    if os.path.isdir(directory):  # Checkpointer would create it: nothing is written here
+        ckpt = Checkpointer(workdir, create=False, log=log)
+    if ckpt is None or not ckpt.steps():
+        raise FileNotFoundError(
+            f"{directory} holds no checkpoint: train first (experiments/train.py "
+            f"--workdir={workdir})"
+        )
+    check = _check_checkpoint(workdir, config, cfg, tokenizer)
+    try:
+        if average_last > 1:
+            ckpt.close()  # average_checkpoints opens its own
+            ckpt = None
+            params, steps = average_checkpoints(workdir, average_last, check_meta=check, log=log)
+        else:
+            found = next(ckpt.intact(check_meta=check), None)
+            if found is None:
+                raise FileNotFoundError(
+                    f"no checkpoint in {directory} reads back whole (steps "
+                    f"{ckpt.steps()}, see above)"
+                )
+            params, steps = found[2], [found[0]]
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    params = jax.tree.map(jnp.asarray, params)
+    _check_params(workdir, steps, model, params)
+    return params, steps
+
+
+def _check_params(workdir: str, steps: list[int], model: nn.Module, params) -> None:
     """Refuses params whose tree differs from the model config.json describes (a field the
     signature does not cover, or a checkpoint without one), naming the arrays."""
     tokens = jnp.zeros((1, 8), jnp.int32)
+    example = (tokens,) if isinstance(model, TransformerLM) else (tokens, tokens)
     abstract = jax.eval_shape(  # unboxed: without the logical axis names
-        lambda: nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens, tokens)["params"])
+        lambda: nn.meta.unbox(model.init(jax.random.key(0), *example)["params"])
     )
     try:
         check_same_tree(steps[-1], params, abstract)

@@ -32,11 +32,11 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from attention_jax.data import tasks
+from attention_jax.data import pipeline, tasks
 from attention_jax.decode import decoding, metrics
 from attention_jax.nn import sharding
 from attention_jax.nn.config import TransformerConfig
-from attention_jax.nn.model import Transformer
+from attention_jax.nn.model import Transformer, TransformerLM
 from attention_jax.train import flops
 from attention_jax.train import step as training
 from attention_jax.train.reporting import MetricsWriter, Progress
@@ -53,9 +53,12 @@ from attention_jax.workdir import (
 from attention_jax.workdir.checkpoint import Checkpointer, IncompatibleCheckpointError
 from attention_jax.workdir.experiment import (
     check_experiment,
+    eval_split,
     model_config,
+    model_kind,
     model_signature,
     nonfinite_policy,
+    signature_differences,
 )
 
 
@@ -115,6 +118,9 @@ def resolve_config(
     resolved = config.copy_and_resolve_references()
     if config.data.dataset == "reversal":
         return resolved
+    if tasks.task_kind(config) == "lm" and "task" not in resolved.data:
+        with resolved.unlocked():  # recorded, so that the workdir says it holds an LM
+            resolved.data.task = "lm"
     size, source = tasks.resolve_vocab_size(config, workdir)
     if size != config.model.vocab_size and jax.process_index() == 0:
         print(
@@ -150,11 +156,19 @@ def _warn_if_short_of_space(directory: str, state, keep: int) -> None:
         )
 
 
-def _check_model(workdir: str, step: int, saved: dict, cfg: TransformerConfig) -> None:
-    """Refuses a checkpoint of a different model, naming the fields that differ."""
+def _check_model(workdir: str, step: int, saved: dict, cfg: TransformerConfig, kind: str) -> None:
+    """Refuses a checkpoint of a different model (or kind of model: an LM's checkpoint for
+    an encoder-decoder, or the reverse), naming the fields that differ."""
+    theirs_kind = saved.get("model_kind", "encoder_decoder")  # written before LMs: one kind
+    if theirs_kind != kind:
+        raise IncompatibleCheckpointError(
+            f"workdir {workdir!r} holds a checkpoint of a {_KIND_NAMES[theirs_kind]} (step "
+            f"{step}) but the config trains a {_KIND_NAMES[kind]}; use a new --workdir, or "
+            "the config that wrote it"
+        )
     ours = model_signature(cfg)
     theirs = saved.get("model") or {}
-    differ = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+    differ = signature_differences(ours, theirs)
     if differ:
         raise IncompatibleCheckpointError(
             f"workdir {workdir!r} holds a checkpoint of a different model (step {step}):\n  "
@@ -163,6 +177,9 @@ def _check_model(workdir: str, step: int, saved: dict, cfg: TransformerConfig) -
             )
             + "\nuse a new --workdir, or the config that wrote it"
         )
+
+
+_KIND_NAMES = {"lm": "language model (TransformerLM)", "encoder_decoder": "Transformer"}
 
 
 def _check_vocabulary(workdir: str, step: int, saved: dict, meta: dict) -> None:
@@ -244,7 +261,10 @@ def _local_rows(batch: dict) -> dict:
 
 def evaluate(eval_fn, decode_fn, params, task, mesh, split: str = "validation") -> dict:
     """Teacher-forced loss / accuracy / exact match over the split's evaluation batches and,
-    for tasks with text, sacreBLEU and chrF of greedy translations."""
+    for tasks with text, sacreBLEU and chrF of greedy translations. A language model
+    (`tasks.LMTask`): loss (nats per token), perplexity and bits per byte (`evaluate_lm`)."""
+    if isinstance(task, tasks.LMTask):
+        return evaluate_lm(eval_fn, params, task, mesh, split)
     data = task.eval_data(split)
     totals, hypotheses = None, []
     for batch in data.batches:
@@ -271,6 +291,27 @@ def evaluate(eval_fn, decode_fn, params, task, mesh, split: str = "validation") 
     return out
 
 
+def lm_sums(eval_fn, params, batches, mesh) -> dict[str, float]:
+    """``{nll, tokens, bytes, correct}`` summed over LM evaluation `batches`
+    (`step.lm_eval_step` on each, added on the host in float64: exact counts on any split)."""
+    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0, "correct": 0.0}
+    for batch in batches:
+        arrays = {k: v for k, v in batch.items() if k != "valid"}
+        sums = jax.device_get(eval_fn(params, sharding.shard_batch(_local_rows(arrays), mesh)))
+        for key in totals:
+            totals[key] += float(np.float64(sums[key]))
+    return totals
+
+
+def evaluate_lm(eval_fn, params, task, mesh, split: str = "validation") -> dict:
+    """Loss (nats per token), perplexity and bits per byte of the split (every token once,
+    no label smoothing; `pipeline.language_model_scores`), and next-token accuracy."""
+    totals = lm_sums(eval_fn, params, task.eval_data(split).batches, mesh)
+    scores = pipeline.language_model_scores(totals["nll"], totals["tokens"], totals["bytes"])
+    scores["accuracy"] = totals["correct"] / max(totals["tokens"], 1.0)
+    return scores
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the final
     held-out metrics."""
@@ -292,7 +333,7 @@ class _Run:
     config: ml_collections.ConfigDict  # resolved (resolve_config)
     workdir: str
     cfg: TransformerConfig
-    model: Transformer
+    model: Transformer | TransformerLM  # model_kind(config)
     optimizer: optax.GradientTransformation
     mesh: Mesh
     rules: tuple
@@ -305,8 +346,10 @@ class _Steps:
 
     train: Callable  # (state, batch) -> (state, metrics); sharded, the state donated
     eval: Callable  # (params, batch) -> sums (training.eval_step)
-    decode: Callable  # (params, inputs) -> ids: greedy, for periodic validation
-    final_decode: Callable  # beam search (config.beam_size, config.alpha), for the test report
+    # (params, inputs) -> ids: greedy, for periodic validation (None: a language model)
+    decode: Callable | None
+    # beam search (config.beam_size, config.alpha), for the test report (None: an LM)
+    final_decode: Callable | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,8 +357,9 @@ class _Session:
     """What the training loop and the final report use, once the train state exists."""
 
     run: _Run
-    task: tasks.ReversalTask | tasks.TranslationTask
+    task: tasks.ReversalTask | tasks.TranslationTask | tasks.LMTask
     splits: tuple[str, ...]  # the task's (validation and test, if it has them)
+    eval_split: str  # the one periodic evaluation reads (config.data.eval_split)
     meta: dict  # what each checkpoint records: the model's signature, the vocabulary's
     steps: _Steps
     log: MetricsWriter
@@ -326,7 +370,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`train_and_evaluate` once the workdir's lock is held."""
     config = resolve_config(config, workdir)
     cfg = model_config(config)
-    model = Transformer(cfg)
+    model = TransformerLM(cfg) if model_kind(config) == "lm" else Transformer(cfg)
     optimizer = training.make_optimizer(
         cfg.d_model,
         warmup_steps=config.warmup_steps,
@@ -364,7 +408,7 @@ def _resume_and_train(run: _Run, stop: _StopSignals) -> dict:
     log = MetricsWriter(run.workdir, start)
     progress = Progress(run.config.num_train_steps, start)
     steps = _compile_steps(run, shardings)
-    session = _Session(run, task, task.splits(), meta, steps, log, progress)
+    session = _Session(run, task, task.splits(), eval_split(run.config), meta, steps, log, progress)
     state, last_validation = _train_steps(session, state, start, stop)
     stop.uninstall()  # the final evaluation can be interrupted as usual
     progress.close()
@@ -378,7 +422,7 @@ def _refuse_incompatible_workdir(run: _Run) -> int | None:
     workdir = run.workdir
     newest, saved = run.ckpt.newest_meta()
     if newest is not None:
-        _check_model(workdir, newest, saved, run.cfg)
+        _check_model(workdir, newest, saved, run.cfg, model_kind(run.config))
     if (saved or {}).get("vocab_fingerprint") and not os.path.exists(vocab_path(workdir)):
         raise FileNotFoundError(
             f"workdir {workdir!r} holds checkpoints trained with the vocabulary "
@@ -396,12 +440,12 @@ def _init_or_restore(run: _Run, task, newest: int | None):
         run.model, run.optimizer, task.example_batch(), jax.random.key(run.config.seed),
         run.mesh, run.rules,
     )  # fmt: skip
-    meta = {"model": model_signature(run.cfg), **task.meta()}
+    meta = {"model": model_signature(run.cfg), "model_kind": model_kind(run.config), **task.meta()}
     if newest is None:
         return 0, state, shardings, meta
 
     def check(step, saved):
-        _check_model(run.workdir, step, saved, run.cfg)
+        _check_model(run.workdir, step, saved, run.cfg, model_kind(run.config))
         _check_vocabulary(run.workdir, step, saved, meta)
 
     abstract = jax.tree.map(
@@ -431,10 +475,13 @@ def _compile_steps(run: _Run, shardings) -> _Steps:
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
         nonfinite=nonfinite_policy(config),
     )  # fmt: skip
+    eval_step = training.jit_eval_step(model, shardings.params, run.mesh)
+    if isinstance(model, TransformerLM):  # scored, not decoded
+        return _Steps(train=train, eval=eval_step, decode=None, final_decode=None)
     max_decode = min(config.data.get("max_length", 0) + 50, run.cfg.max_len)
     return _Steps(
         train=train,
-        eval=training.jit_eval_step(model, shardings.params, run.mesh),
+        eval=eval_step,
         decode=functools.partial(decoding.translate, model, max_length=max_decode, beam_size=1),
         final_decode=functools.partial(
             decoding.translate, model, max_length=max_decode,
@@ -485,9 +532,12 @@ def _train_steps(session: _Session, state, start: int, stop: _StopSignals):
     run, task, steps = session.run, session.task, session.steps
     config, ckpt, mesh = run.config, run.ckpt, run.mesh
     log, progress = session.log, session.progress
-    validate = "validation" in session.splits
+    validate = session.eval_split in session.splits
     if not validate and jax.process_index() == 0:
-        print(f"no validation split in {config.data.dataset}: no periodic evaluation", flush=True)
+        print(
+            f"no {session.eval_split} split in {config.data.dataset}: no periodic evaluation",
+            flush=True,
+        )
     last_validation = None
     total = config.num_train_steps
     peak = (config.peak_flops_per_device or flops.peak_flops_per_device()) or None
@@ -507,6 +557,7 @@ def _train_steps(session: _Session, state, start: int, stop: _StopSignals):
             record = {
                 "train_loss": float(m["loss"]),
                 "train_accuracy": float(m["accuracy"]),
+                **_train_lm_scores(m, config),
                 **rates,
             }
             if int(m["nonfinite_steps"]):  # updates withheld so far (config.nonfinite)
@@ -516,9 +567,11 @@ def _train_steps(session: _Session, state, start: int, stop: _StopSignals):
             throughput.restart(done)
         if validate and (done % config.eval_every == 0 or last):
             eval_start = time.perf_counter()
-            ev = last_validation = evaluate(steps.eval, steps.decode, state.params, task, mesh)
+            ev = last_validation = evaluate(
+                steps.eval, steps.decode, state.params, task, mesh, split=session.eval_split
+            )
             log.write(done, {f"eval_{k}": v for k, v in ev.items()})
-            progress.print(f"step {done}: validation {_fmt(ev)}")
+            progress.print(f"step {done}: {session.eval_split} {_fmt(ev)}")
             throughput.exclude(time.perf_counter() - eval_start)  # not training time
         if stop_on_nonfinite and (
             done % config.log_every == 0 or done % config.checkpoint_every == 0 or last
@@ -537,20 +590,20 @@ def _train_steps(session: _Session, state, start: int, stop: _StopSignals):
 def _final_report(session: _Session, state, start: int, last_validation: dict | None) -> dict:
     """The held-out metrics of the final state (the test split with beam search, else the
     last validation scores), written to the log and said on the terminal with where
-    everything is."""
+    everything is. A language model: loss, perplexity and bits per byte (test, unless
+    periodic evaluation already reads it)."""
     run, task, steps, log = session.run, session.task, session.steps, session.log
-    config, mesh = run.config, run.mesh
-    if "test" in session.splits:
+    config, mesh, split = run.config, run.mesh, session.eval_split
+    if "test" in session.splits and split != "test":
         final = evaluate(steps.eval, steps.final_decode, state.params, task, mesh, split="test")
         log.write(max(start, config.num_train_steps), {f"test_{k}": v for k, v in final.items()})
         summary = f"final test metrics: {_fmt(final)}"
-    elif "validation" in session.splits:  # no test split: the last validation scores stand for it
+    elif split in session.splits:  # no other test split: the last validation scores stand
         if last_validation is None:  # a finished run, started again: nothing was trained
-            last_validation = evaluate(steps.eval, steps.decode, state.params, task, mesh)
+            last_validation = evaluate(steps.eval, steps.decode, state.params, task, mesh, split)
         final = last_validation
-        summary = (
-            f"final validation metrics (no test split in {config.data.dataset}): {_fmt(final)}"
-        )
+        why = "evaluated periodically" if split == "test" else "no test split"
+        summary = f"final {split} metrics ({why} in {config.data.dataset}): {_fmt(final)}"
     else:
         final = {}
         summary = f"no validation or test split in {config.data.dataset}: nothing evaluated"
@@ -612,11 +665,31 @@ def task_iterator(task):
     return task.iterator if task.has_state else None
 
 
+def _train_lm_scores(metrics: dict, config: ml_collections.ConfigDict) -> dict:
+    """A language model's training perplexity and bits per byte on the logged step's batch
+    (only without label smoothing: then the training loss is the NLL)."""
+    if "bytes" not in metrics or config.label_smoothing:
+        return {}
+    tokens = float(metrics["tokens"])
+    scores = pipeline.language_model_scores(
+        float(metrics["loss"]) * tokens, tokens, float(metrics["bytes"])
+    )
+    return {
+        "train_perplexity": scores["perplexity"],
+        "train_bits_per_byte": scores["bits_per_byte"],
+    }
+
+
 def _count(cfg: TransformerConfig, batch: dict) -> tuple[int, float]:
     """Target tokens and model FLOPs of a step on this process's `batch` (non-padding tokens;
-    see flops.py)."""
-    inputs, targets = batch["inputs"], batch["targets"]
+    see flops.py). A batch without ``inputs`` is a language model's."""
+    targets = batch["targets"]
     target_tokens = int(np.count_nonzero(targets != cfg.pad_id))
+    if "inputs" not in batch:
+        return target_tokens, flops.lm_train_flops(
+            cfg, tokens=target_tokens, seq_len=targets.shape[1]
+        )
+    inputs = batch["inputs"]
     step_flops = flops.transformer_train_flops(
         cfg,
         source_tokens=int(np.count_nonzero(inputs != cfg.pad_id)),

@@ -3,7 +3,8 @@ and their sharded, jitted versions.
 
 A batch is a dict of integer arrays ``{'inputs': [B, S], 'targets': [B, T]}`` for the
 `Transformer`, or ``{'targets': [B, T]}`` for the `TransformerLM` (which reads
-``shift_right(targets)``). Padding (``pad_id``) does not count in the loss.
+``shift_right(targets)``). Padding (``pad_id``) does not count in the loss. An LM batch may
+carry ``targets_bytes`` (UTF-8 bytes per token, for bits per byte): `lm_eval_step` sums them.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def train_step(
     goes on without the bad updates.
 
     Returns the new state and metrics ``{loss, accuracy, tokens, grad_norm,
-    nonfinite_steps, first_nonfinite_step}`` (loss = mean over non-padding target tokens).
+    nonfinite_steps, first_nonfinite_step}`` (loss = mean over non-padding target tokens),
+    and ``bytes`` (the sum of ``targets_bytes`` over them) when the batch has that key.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -142,7 +144,15 @@ def train_step(
         "nonfinite_steps": new_state.nonfinite_steps,
         "first_nonfinite_step": new_state.first_nonfinite_step,
     }
+    if "targets_bytes" in batch:
+        metrics["bytes"] = _byte_sum(batch, model.config.pad_id)
     return new_state, metrics
+
+
+def _byte_sum(batch: dict, pad_id: int):
+    """The UTF-8 bytes of a batch's tokens (``targets_bytes``; padding carries none)."""
+    real = batch["targets"] != pad_id
+    return jnp.sum(jnp.where(real, batch["targets_bytes"], 0).astype(jnp.float32))
 
 
 def _gradient_sums(model, params, batch, rng, *, label_smoothing, accum_steps):
@@ -221,6 +231,30 @@ def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float =
     }
 
 
+def lm_eval_step(params, batch: dict, *, model: nn.Module) -> dict:
+    """Sums over a language-model batch, deterministic (add them across batches): ``nll``
+    (the negative log-likelihood in nats, no label smoothing), ``tokens`` and ``bytes``
+    (``targets_bytes``) over the tokens with ``targets_segmentation > 0`` (all non-padding
+    tokens; without that key, ``targets != pad_id``), and ``correct`` argmax predictions.
+    `pipeline.language_model_scores` turns them into loss, perplexity and bits per byte."""
+    logits = _logits(model, params, batch, train=False)
+    targets = batch["targets"]
+    if "targets_segmentation" in batch:
+        real = batch["targets_segmentation"] > 0
+    else:
+        real = targets != model.config.pad_id
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    on_target = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    weights = real.astype(jnp.float32)
+    right = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "nll": -jnp.sum(on_target * weights),
+        "tokens": jnp.sum(weights),
+        "bytes": jnp.sum(jnp.where(real, batch["targets_bytes"], 0).astype(jnp.float32)),
+        "correct": jnp.sum(right * weights),
+    }
+
+
 # --------------------------------------------------------------------------------------
 # Sharded state and steps.
 # --------------------------------------------------------------------------------------
@@ -278,7 +312,9 @@ def jit_train_step(model, optimizer, state_shardings, mesh, **step_kwargs):
 
 
 def jit_eval_step(model, param_shardings, mesh, **step_kwargs):
-    step = functools.partial(eval_step, model=model, **step_kwargs)
+    """`eval_step` jitted (`lm_eval_step` for a `TransformerLM`)."""
+    fn = lm_eval_step if isinstance(model, TransformerLM) else eval_step
+    step = functools.partial(fn, model=model, **step_kwargs)
     return jax.jit(
         step,
         in_shardings=(param_shardings, batch_sharding(mesh)),

@@ -3,7 +3,9 @@
 `check_experiment` validates a config once, before a run creates or writes anything: the run
 fields, the model, the policies, the sharding rules and the mesh. `model_config` and
 `model_config_dict` map ``config.model`` to a `TransformerConfig` and back; `model_signature`
-is what a checkpoint records of its model, so that a different model is refused.
+is what a checkpoint records of its model, so that a different model is refused;
+`model_kind` says which model a config (a workdir's config.json) trains: the encoder-decoder
+`Transformer` or the decoder-only `TransformerLM`.
 """
 
 from __future__ import annotations
@@ -21,16 +23,24 @@ from attention_jax.nn.config import TransformerConfig, is_int, is_real
 # config.nonfinite: what a NaN/Inf loss or gradient does. "stop" (the default): the run
 # stops, its newest checkpoint the last good state; "skip": that update is skipped, counted.
 NONFINITE_POLICIES = ("stop", "skip")
+# What a config trains: the encoder-decoder Transformer (translation, reversal) or the
+# decoder-only TransformerLM (a text corpus). Checkpoints record it (``model_kind``).
+MODEL_KINDS = ("encoder_decoder", "lm")
+# The splits a run may evaluate on periodically (config.data.eval_split; lm1b has no
+# validation split and, as flax's examples/lm1b, evaluates on test).
+EVAL_SPLITS = ("validation", "test")
 
 # The experiment files' spelling of the dtype fields (config.json holds strings).
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # TransformerConfig fields whose default is None, and the type an override of them has.
 _OPTIONAL_TYPES = {"target_vocab_size": int, "num_decoder_layers": int,
-                   "attention_implementation": str}  # fmt: skip
+                   "attention_implementation": str, "num_kv_heads": int,
+                   "tie_output_embedding": bool}  # fmt: skip
 # What must match between a checkpoint and the model restoring it.
 SIGNATURE_FIELDS = (
     "vocab_size", "target_vocab_size", "share_embeddings", "d_model", "num_heads",
     "num_layers", "num_decoder_layers", "d_ff", "max_len", "positional", "pre_ln",
+    "num_kv_heads", "norm", "feed_forward", "attention_bias", "tie_output_embedding",
 )  # fmt: skip
 
 
@@ -83,6 +93,32 @@ def model_signature(cfg: TransformerConfig) -> dict:
     return json.loads(json.dumps({k: getattr(cfg, k) for k in SIGNATURE_FIELDS}))
 
 
+def signature_differences(ours: dict, theirs: dict) -> list[str]:
+    """The fields in which two model signatures differ. A field that a checkpoint written
+    before it existed does not record compares as the field's default (the model it wrote)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    defaults = json.loads(json.dumps({
+        k: defaults[k] for k in SIGNATURE_FIELDS if defaults[k] is not dataclasses.MISSING
+    }))  # fmt: skip
+    return [
+        k
+        for k in sorted(ours.keys() | theirs.keys())
+        if ours.get(k, defaults.get(k)) != theirs.get(k, defaults.get(k))
+    ]
+
+
+def model_kind(config: ml_collections.ConfigDict) -> str:
+    """``'lm'`` when `config` trains the decoder-only `TransformerLM` (``config.data.task``
+    is ``'lm'``: the LM configs set it, and training records it in config.json for any LM
+    dataset), else ``'encoder_decoder'`` (every config and workdir from before LMs)."""
+    return "lm" if config.data.get("task", None) == "lm" else "encoder_decoder"
+
+
+def eval_split(config: ml_collections.ConfigDict) -> str:
+    """The split periodic evaluation reads: ``config.data.eval_split``, else validation."""
+    return config.data.get("eval_split", EVAL_SPLITS[0])
+
+
 def nonfinite_policy(config: ml_collections.ConfigDict) -> str:
     """``config.nonfinite``, "stop" if the config has none (`NONFINITE_POLICIES`)."""
     return config.get("nonfinite", NONFINITE_POLICIES[0])
@@ -115,6 +151,7 @@ _RUN_RULES = (
     *((f"data.{name}", _OPTIONAL, lambda v: is_int(v) and v >= 1, "a positive int")
       for name in ("tokens_per_batch", "eval_batch_size", "max_length")),
     ("data.eval_examples", _OPTIONAL, lambda v: is_int(v) and v >= 0, "an int >= 0 (0: all)"),
+    ("data.eval_split", _OPTIONAL, lambda v: v in EVAL_SPLITS, f"one of {EVAL_SPLITS}"),
 )  # fmt: skip
 
 
