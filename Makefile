@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

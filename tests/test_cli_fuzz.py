@@ -26,8 +26,8 @@ from attention_jax.workdir import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LINES = 2000
-# One xdist worker (make test: --dist loadgroup) runs both modules that share the trained
-# workdir of `trained_workdir`, so that it is trained once.
+# Both modules read the trained workdir of `trained_workdir`, built once per session
+# (shared_fixtures.build_once; the xdist_group mark only documents the sharing).
 pytestmark = pytest.mark.xdist_group("translate_workdir")
 
 # (raw bytes of one input line without its "\n", whether it is blank: an empty output line)

@@ -25,8 +25,8 @@ from attention_jax.workdir import load_config
 from attention_jax.workdir.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# One xdist worker (make test: --dist loadgroup) runs both modules that share the trained
-# workdir of `trained_workdir`, so that it is trained once.
+# Both modules read the trained workdir of `trained_workdir`, built once per session
+# (shared_fixtures.build_once; the xdist_group mark only documents the sharing).
 pytestmark = pytest.mark.xdist_group("translate_workdir")
 
 

@@ -184,3 +184,11 @@ def run_reader(
             except OSError:
                 pass
         os._exit(130)
+
+
+def silence_stdout() -> None:
+    """After a broken pipe (the reader of stdout went away): point stdout at /dev/null, or
+    Python would report the broken pipe again when it flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -111,7 +111,7 @@ def main(argv):
             if done == 0:
                 raise errors.CommandError(f"{where} holds no prompts")
     except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly
-        _silence_stdout()
+        errors.silence_stdout()
         sys.exit(141)
     finally:
         if stream is not None and stream is not sys.stdin.buffer:
@@ -120,13 +120,6 @@ def main(argv):
 
 def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
-def _silence_stdout() -> None:
-    """Python would report the broken pipe again when it flushes stdout at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def run(argv: list[str] | None = None) -> None:

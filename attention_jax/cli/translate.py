@@ -92,7 +92,7 @@ def main(argv):
             if reader.count == 0:
                 raise errors.CommandError(f"{where} holds no sentences")
     except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly
-        _silence_stdout()
+        errors.silence_stdout()
         sys.exit(141)
     finally:
         if stream is not sys.stdin.buffer:
@@ -102,13 +102,6 @@ def main(argv):
 
 def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
-def _silence_stdout() -> None:
-    """Python would report the broken pipe again when it flushes stdout at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def run(argv: list[str] | None = None) -> None:
