@@ -1,5 +1,6 @@
 """Decoding speed: greedy with the KV cache against greedy that recomputes the decoder over
-the whole prefix at every step, and beam search (beam 4) with the cache; one process.
+the whole prefix at every step, and beam search (beam 4) with the cache; and the
+decoder-only LM's prefill against feeding the prompt one token a step; one process.
 
   no_cache  each step runs the decoder on all `length` positions (causal mask) and reads
             position t: O(length) work per token
@@ -8,12 +9,24 @@ the whole prefix at every step, and beam search (beam 4) with the cache; one pro
   beam4     the beam search of attention_jax.decode.decoding.translate (beam 4, alpha 0.6), with
             EOS masked so that random weights decode the full length
 
+LM (a TransformerLM of the same preset and vocabulary; prompts of --lm_prompt random
+tokens, each of --lengths new tokens, greedy; decoding.generate with the cache sized for the
+whole generation):
+
+  ttft      time to the first new token: generate(..., max_new_tokens=1), which stops
+            there. prefill: one forward pass over the prompt (logits at its last position
+            only); one-a-step: the prompt fed to the cache one token per step
+  tok/s     new tokens/s after the first: (new tokens before any EOS - B) / (time of the
+            whole generation with prefill - its ttft)
+
 Random weights (the base config by default), random sources; with 32k candidates the
 argmax is practically never EOS, so rows decode the full length (the script counts the
-tokens before any EOS and says if a run stopped early). Prints output tokens/s and ratios.
+tokens before any EOS and says if a run stopped early). Prints output tokens/s and ratios;
+the timed calls of one table row alternate, so load from other processes falls on each.
 
   python benchmarks/decode.py                         # base, V=32000, batch 8, 128 tokens
   python benchmarks/decode.py --preset tiny --lengths 32,128,256
+  python benchmarks/decode.py --runs lm --vocab 8000  # the LM table alone
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention_jax import Transformer, TransformerConfig
+from attention_jax import Transformer, TransformerConfig, TransformerLM
 from attention_jax.data.tokenizer import EOS_ID
 from attention_jax.decode import decoding, search
 from attention_jax.nn.model import shift_right
@@ -68,13 +81,64 @@ def beam_without_eos(model, params, inputs, *, length, beam_size=4):
 
 
 def median_seconds(fn, repeats):
-    jax.block_until_ready(fn())  # compile
-    times = []
+    return interleaved_medians({"fn": fn}, repeats)["fn"]
+
+
+def interleaved_medians(fns, repeats):
+    """{name: fn} -> {name: median seconds of one call}, compiled first; the calls take
+    turns, so a burst of load from other processes falls on all of them."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def lm_table(args, cfg, lengths):
+    """The LM rows: time to the first new token with and without prefill, and new tokens/s
+    after it (see the module docstring)."""
+    model = TransformerLM(cfg)
+    rng = np.random.default_rng(1)
+    P = args.lm_prompt
+    prompt = jnp.asarray(rng.integers(2, args.vocab, (args.batch, P)), jnp.int32)  # no pad/EOS
+    params = jax.jit(model.init)(jax.random.key(1), prompt)["params"]
+    key = jax.random.key(0)
+    print(f"\nLM (TransformerLM, {args.preset}, V={args.vocab}), batch {args.batch}, prompt "
+          f"{P} tokens, greedy\n")  # fmt: skip
+    print("| new tokens | ttft prefill ms | ttft one-a-step ms | one-a-step / prefill | "
+          "tok/s after the first |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for length in lengths:
+        T = P + length
+
+        def run(new, prefill, T=T):
+            return decoding.generate(
+                model, params, prompt, key, max_length=T, max_new_tokens=new, temperature=0.0,
+                prefill=prefill,
+            )  # fmt: skip
+
+        out = np.asarray(run(length, True))[:, P:]
+        produced = int(np.sum(np.cumsum(out == EOS_ID, axis=1) == 0))  # before any EOS
+        if produced < out.size * 0.9:
+            print(f"  note: the LM stopped early ({produced} of {out.size} tokens)")
+        s = interleaved_medians(
+            {
+                "prefill": lambda: run(1, True),
+                "steps": lambda: run(1, False),
+                "whole": lambda length=length: run(length, True),
+            },
+            args.repeats,
+        )
+        after = s["whole"] - s["prefill"]  # the tokens after each row's first
+        rate = f"{(produced - args.batch) / after:,.0f}" if length > 1 and after > 0 else "-"
+        print(
+            f"| {length} | {s['prefill'] * 1e3:,.0f} | {s['steps'] * 1e3:,.0f} | "
+            f"{s['steps'] / s['prefill']:.1f}x | {rate} |"
+        )
 
 
 def main():
@@ -85,22 +149,33 @@ def main():
     parser.add_argument("--source_length", type=int, default=32)
     parser.add_argument("--lengths", default="128", help="comma-separated output lengths")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runs", default="no_cache,greedy,beam4", help="which to time")
+    parser.add_argument("--lm_prompt", type=int, default=128, help="LM prompt length")
+    parser.add_argument("--runs", default="no_cache,greedy,beam4,lm", help="which to time")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
+    wanted = args.runs.split(",")
 
+    longest = max(lengths) + max(args.source_length, args.lm_prompt if "lm" in wanted else 0)
     cfg = getattr(TransformerConfig, args.preset)(
-        vocab_size=args.vocab, max_len=max(lengths) + args.source_length, dropout_rate=0.0
+        vocab_size=args.vocab, max_len=longest, dropout_rate=0.0
     )
-    model = Transformer(cfg)
-    rng = np.random.default_rng(0)
-    inputs = jnp.asarray(rng.integers(2, args.vocab, (args.batch, args.source_length)), jnp.int32)
-    params = model.init(jax.random.key(0), inputs, inputs)["params"]
     print(
         f"{args.preset} (V={args.vocab}), batch {args.batch}, source {args.source_length} "
         f"tokens, f32; {jax.devices()[0].device_kind} ({platform.machine()}, "
         f"{os.cpu_count()} CPUs); jax {jax.__version__}; median of {args.repeats}\n"
     )
+    if {"no_cache", "greedy", "beam4"} & set(wanted):
+        translation_table(args, cfg, lengths, wanted)
+    if "lm" in wanted:
+        lm_table(args, cfg, lengths)
+
+
+def translation_table(args, cfg, lengths, wanted):
+    """The encoder-decoder rows: greedy without and with the cache, beam 4."""
+    model = Transformer(cfg)
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.integers(2, args.vocab, (args.batch, args.source_length)), jnp.int32)
+    params = model.init(jax.random.key(0), inputs, inputs)["params"]
     print("| output length | no_cache tok/s | greedy (cache) tok/s | beam4 tok/s | "
           "greedy / no_cache |")  # fmt: skip
     print("|---|---|---|---|---|")
@@ -114,7 +189,7 @@ def main():
         }
         rate = dict.fromkeys(runs, float("nan"))
         for name, fn in runs.items():
-            if name not in args.runs.split(","):
+            if name not in wanted:
                 continue
             out = np.asarray(fn())
             produced = int(np.sum(np.cumsum(out == EOS_ID, axis=1) == 0))  # before any EOS

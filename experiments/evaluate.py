@@ -3,6 +3,8 @@
 python experiments/evaluate.py --workdir=/tmp/aj_default                    # its test split
 python experiments/evaluate.py --workdir=... --split=validation --average_last=5
 python experiments/evaluate.py --workdir=... --source=newstest.en --reference=newstest.de
+python experiments/evaluate.py --workdir=/tmp/lm                  # a language model: loss,
+python experiments/evaluate.py --workdir=/tmp/lm --text=held_out.txt  # perplexity, bits/byte
 """
 
 import signal

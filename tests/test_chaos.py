@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.chaos_support import chaos
+from tests.chaos_support import chaos, session_env, trained_once
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 24, 4  # checkpoints at 1 (a fresh run's first step), 4, 8, ...; keep 3
@@ -23,16 +23,13 @@ STEPS, EVERY = 24, 4  # checkpoints at 1 (a fresh run's first step), 4, 8, ...; 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return chaos.child_env(str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    return session_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
-    """A run never interrupted."""
-    base = tmp_path_factory.mktemp("reference")
-    code, out = chaos.run_to_completion(str(base / "w"), STEPS, EVERY, env, str(base / "log"))
-    assert code == 0, out
-    return str(base / "w")
+    """A run never interrupted (trained once per session, read only)."""
+    return trained_once(tmp_path_factory, "chaos_reference", STEPS, EVERY, env)
 
 
 def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_state(reference, env, tmp_path):

@@ -26,7 +26,7 @@ import pytest
 from attention_jax.train import loop as train_loop
 from attention_jax.workdir import LOCK_FILE
 from attention_jax.workdir.checkpoint import Checkpointer, CheckpointSaveError
-from tests.chaos_support import chaos
+from tests.chaos_support import chaos, session_env, trained_once
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 12, 4
@@ -41,16 +41,15 @@ def _load(name, path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return chaos.child_env(str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    return session_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, env):
-    base = tmp_path_factory.mktemp("trained")
-    code, out = chaos.run_to_completion(str(base / "w"), STEPS, EVERY, env, str(base / "log"))
-    assert code == 0, out
-    assert chaos.finished_steps(str(base / "w")) == [4, 8, 12]
-    return str(base / "w")
+    """Trained once per session (read only: each test that runs on it copies it first)."""
+    workdir = trained_once(tmp_path_factory, "recovery_trained", STEPS, EVERY, env)
+    assert chaos.finished_steps(workdir) == [4, 8, 12]
+    return workdir
 
 
 def _copy(trained, tmp_path) -> str:

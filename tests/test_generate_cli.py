@@ -5,6 +5,7 @@ The workdir is built here without the train loop: a tiny TransformerLM initialis
 a small SentencePiece vocabulary, config.json and one checkpoint in the layout
 train/loop.py writes (state with "params", meta with the model signature and vocabulary)."""
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -101,6 +102,13 @@ def _snapshot(workdir) -> dict:
     return tree
 
 
+@functools.cache
+def _forward(model):
+    """The whole model's logits, jitted: one compilation per sequence length (op-by-op
+    dispatch recompiled every primitive at every new length: minutes on 2 cores)."""
+    return jax.jit(lambda params, ids: model.apply({"params": params}, ids))
+
+
 def _greedy_by_full_recompute(generator, prompt: str, new: int) -> list[int]:
     """Independent of the KV cache and the search: the whole model on [bos, prompt, so far]
     at every step, argmax of the last position (the pad id excluded)."""
@@ -108,7 +116,7 @@ def _greedy_by_full_recompute(generator, prompt: str, new: int) -> list[int]:
     seq = [model.config.pad_id, *generator.tokenizer.encode(prompt).tolist()]
     out = []
     for _ in range(new):
-        logits = np.asarray(model.apply({"params": params}, jnp.asarray([seq])))[0, -1].copy()
+        logits = np.asarray(_forward(model)(params, jnp.asarray([seq])))[0, -1].copy()
         logits[model.config.pad_id] = -np.inf
         token = int(np.argmax(logits))
         out.append(token)
@@ -139,10 +147,14 @@ def test_sampling_is_seeded_per_prompt_and_sample(generator):
     assert a != generator.generate(PROMPTS, seed=6, batch_size=16, **kw)
     assert len(set(a[:3])) > 1  # the samples of one prompt differ
     # The prompt's number picks its keys: prompt 2 alone, numbered 2, gives the same lines.
-    assert a[3:6] == generator.generate([PROMPTS[1]], seed=5, first_line=2, **kw)
+    # (batch_size=16 here and below: the shape compiled above; batching is checked above.)
+    assert a[3:6] == generator.generate([PROMPTS[1]], seed=5, first_line=2, batch_size=16, **kw)
     # top_k=1 leaves one token to draw: greedy, whatever the temperature and seed.
-    greedy = generator.generate(PROMPTS, max_new_tokens=10, temperature=0.0)
-    assert generator.generate(PROMPTS, max_new_tokens=10, temperature=2.0, top_k=1) == greedy
+    greedy = generator.generate(PROMPTS, max_new_tokens=10, temperature=0.0, batch_size=16)
+    assert (
+        generator.generate(PROMPTS, max_new_tokens=10, temperature=2.0, top_k=1, batch_size=16)
+        == greedy
+    )
 
 
 def test_library_refuses_bad_arguments(generator):

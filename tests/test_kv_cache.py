@@ -14,14 +14,16 @@ INPUTS = jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
 TARGETS = jnp.array([[11, 12, 13, 1, 0, 0], [14, 15, 16, 17, 18, 1]])
 
 
-def _steps(apply_step, cache, tokens):
-    """Feeds tokens [B, T] one position at a time; returns the logits [B, T, V]."""
+def _in_blocks(run, cache, tokens, first=1):
+    """Feeds tokens [B, T] through the cache: positions 0..first-1 as one block, then one
+    position per call; returns the logits [B, T, V]."""
+    B, T = tokens.shape
     out = []
-    for t in range(tokens.shape[1]):
-        positions = jnp.full((tokens.shape[0], 1), t)
-        logits, cache = apply_step(cache, tokens[:, t : t + 1], positions)
-        out.append(logits[:, 0])
-    return jnp.stack(out, axis=1)
+    for start, stop in [(0, first), *((t, t + 1) for t in range(first, T))]:
+        positions = jnp.broadcast_to(jnp.arange(start, stop), (B, stop - start))
+        logits, cache = run(cache, tokens[:, start:stop], positions)
+        out.append(logits)
+    return jnp.concatenate(out, axis=1)
 
 
 def _assert_equal_where_real(cached, full, targets):
@@ -30,12 +32,11 @@ def _assert_equal_where_real(cached, full, targets):
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{}, {"positional": "rotary", "pre_ln": True}, {"positional": "learned"}],
-    ids=["sinusoidal-postln", "rotary-preln", "learned"],
-)
-def test_transformer_cached_logits_equal_full(overrides):
+def _transformer_decoding(**overrides):
+    """A tiny encoder-decoder on INPUTS / TARGETS: ``(run, cache, full)``, where
+    ``run(cache, tokens [B, P], positions [B, P]) -> (logits [B, P, V], cache)`` is a jitted
+    cached decode block, `cache` the fresh cache (sized for TARGETS, encoder keys in it) and
+    `full` the teacher-forced logits [B, T, V]."""
     cfg = TransformerConfig.tiny(vocab_size=30, max_len=16, **overrides)
     model = Transformer(cfg)
     params = model.init(jax.random.key(0), INPUTS, TARGETS)["params"]
@@ -48,15 +49,32 @@ def test_transformer_cached_logits_equal_full(overrides):
     )  # fmt: skip
 
     @jax.jit
-    def step(cache, tokens, positions):
+    def run(cache, tokens, positions):
         logits, new = model.apply(
             {"params": params, "cache": cache}, None, INPUTS, tokens, decode=True,
             positions=positions, method="decode", mutable=["cache"],
         )  # fmt: skip
         return logits, new["cache"]
 
-    cached = _steps(step, created["cache"], shift_right(TARGETS))
-    _assert_equal_where_real(cached, full, TARGETS)
+    return run, created["cache"], full
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"positional": "rotary", "pre_ln": True}, {"positional": "learned"}],
+    ids=["sinusoidal-postln", "rotary-preln", "learned"],
+)
+def test_transformer_cached_logits_equal_full(overrides):
+    run, cache, full = _transformer_decoding(**overrides)
+    _assert_equal_where_real(_in_blocks(run, cache, shift_right(TARGETS)), full, TARGETS)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 2, "positional": "rotary"}])
+def test_transformer_block_decode_equals_full(overrides):
+    """The encoder-decoder's cache takes blocks too: the first 3 target positions at once,
+    then one per call, give the full recompute's logits."""
+    run, cache, full = _transformer_decoding(**overrides)
+    _assert_equal_where_real(_in_blocks(run, cache, shift_right(TARGETS), 3), full, TARGETS)
 
 
 def test_lm_cached_logits_equal_full():
@@ -75,39 +93,7 @@ def test_lm_cached_logits_equal_full():
         )  # fmt: skip
         return logits, new["cache"]
 
-    _assert_equal_where_real(_steps(step, created["cache"], tokens), full, TARGETS)
-
-
-@pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 2, "positional": "rotary"}])
-def test_transformer_block_decode_equals_full(overrides):
-    """The encoder-decoder's cache takes blocks too: the first 3 target positions at once,
-    then one per call, give the full recompute's logits."""
-    cfg = TransformerConfig.tiny(vocab_size=30, max_len=16, **overrides)
-    model = Transformer(cfg)
-    params = model.init(jax.random.key(0), INPUTS, TARGETS)["params"]
-    full = model.apply({"params": params}, INPUTS, TARGETS)  # [B, T, V]
-    encoded = model.apply({"params": params}, INPUTS, method="encode")
-    _, created = model.apply(
-        {"params": params}, encoded, INPUTS, jnp.zeros_like(TARGETS), decode=True,
-        method="decode", mutable=["cache"],
-    )  # fmt: skip
-    fed = shift_right(TARGETS)
-    T = fed.shape[1]
-
-    def run(cache, tokens, start):
-        positions = jnp.broadcast_to(jnp.arange(start, start + tokens.shape[1]), tokens.shape)
-        logits, new = model.apply(
-            {"params": params, "cache": cache}, None, INPUTS, tokens, decode=True,
-            positions=positions, method="decode", mutable=["cache"],
-        )  # fmt: skip
-        return logits, new["cache"]
-
-    block, cache = run(created["cache"], fed[:, :3], 0)
-    out = [block]
-    for t in range(3, T):
-        logits, cache = run(cache, fed[:, t : t + 1], t)
-        out.append(logits)
-    _assert_equal_where_real(jnp.concatenate(out, axis=1), full, TARGETS)
+    _assert_equal_where_real(_in_blocks(step, created["cache"], tokens), full, TARGETS)
 
 
 def test_cache_layout_leads_with_batch():

@@ -6,9 +6,12 @@
 - Prefill: a prompt block through the KV cache, then one token at a time, gives the full
   forward's logits at every position (1e-5, float32), for prompts of different lengths in
   one batch; generation at temperature 0 is the argmax of the full model recomputed at
-  every step.
+  every step, also with a limit of new tokens per row.
+- ``logit_positions``: the logits at chosen positions equal the full logits gathered there
+  (1e-6).
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -271,16 +274,82 @@ def test_transformer_tie_overrides_share_embeddings():
     assert unshared_tied["target_embedding"]["embedding"].shape == (40, 32)
 
 
-# ---- Prefill + decode == the full forward. ----------------------------------------------
+# ---- Logits at chosen positions == the full logits gathered there. ----------------------
 
 B, T = 4, 12
-PROMPT_LENGTHS = [3, 7, 1, 5]  # positions each row prefills (its start slot included)
 
 
 def _tokens(seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(2, V, size=(B, T)).astype(np.int32)  # no pad, no EOS inside
     return np.asarray(shift_right(y))  # [B, T]: pad start slot, then the tokens
+
+
+AT = np.array([[0, 11], [5, 5], [11, 3], [7, 1]], np.int32)  # [B, K]: any order, repeats
+
+
+@pytest.mark.parametrize("name", ["paper", "llama-like"])  # tied post-LN; untied, final norm
+def test_logit_positions_gather_the_full_logits(name):
+    model = TransformerLM(_cfg(**KNOBS[name]))
+    x = _tokens(2)
+    params = _params(model, x)
+
+    @jax.jit  # all in one (eager and jitted float32 differ by rounding, ~1e-6, on their own)
+    def run(params):
+        apply = functools.partial(model.apply, {"params": params}, x)
+        # Two per row, and one per row (what a prefill asks for: [B, 1, V]).
+        return apply(), apply(logit_positions=AT), apply(logit_positions=AT[:, 1:])
+
+    full, two, one = map(np.asarray, run(params))  # [B, T, V], [B, 2, V], [B, 1, V]
+    rows = np.arange(B)[:, None]
+    np.testing.assert_allclose(two, full[rows, AT], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(one, full[rows, AT[:, 1:]], atol=1e-6, rtol=0)
+    # The parameters do not depend on it (checkpoints load either way).
+    init = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, logit_positions=AT), x)
+    shapes = jax.tree.map(lambda a: a.shape, nn.unbox(init["params"]))
+    assert shapes == jax.tree.map(lambda a: a.shape, params)
+
+
+def test_transformer_decode_logit_positions():
+    model = Transformer(_cfg(share_embeddings=False))
+    src = _tokens(3)[:, :7]
+    y = _tokens(4)
+    params = _params(model, src, y)
+
+    @jax.jit
+    def decode(params):
+        encoded = model.apply({"params": params}, src, method="encode")
+        apply = functools.partial(model.apply, {"params": params}, encoded, src, y, method="decode")
+        return apply(), apply(logit_positions=AT)
+
+    full, got = map(np.asarray, decode(params))  # [B, T, V], [B, K, V]
+    np.testing.assert_allclose(got, full[np.arange(B)[:, None], AT], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("at", "message"),
+    [
+        (
+            np.zeros((B,), np.int32),
+            r"logit_positions must be integer \[B=4, K\] .* got shape \(4,\)",
+        ),
+        (np.zeros((B, 0), np.int32), r"with K >= 1 .* got shape \(4, 0\)"),
+        (np.zeros((B, 1), np.float32), r"got shape \(4, 1\) and dtype float32"),
+        (np.full((B, 1), T), r"logit_positions must be in \[0, T=12\).*max 12"),
+        (np.full((B, 1), -1), r"logit_positions must be in \[0, T=12\).*got min -1"),
+    ],
+)
+def test_bad_logit_positions_are_refused(at, message):
+    model = TransformerLM(_cfg())
+    x = _tokens(0)
+    params = _params(model, x)
+    with pytest.raises(ValueError, match=message):
+        model.apply({"params": params}, x, logit_positions=at)
+
+
+# ---- Prefill + decode == the full forward. ----------------------------------------------
+
+PROMPT_LENGTHS = [3, 7, 1, 5]  # positions each row prefills (its start slot included)
 
 
 @pytest.mark.parametrize("name", KNOBS)
@@ -311,6 +380,12 @@ def test_prefill_then_decode_equals_full_forward(name):
     logits, cache = run(created["cache"], block, positions)
     for b, n in enumerate(PROMPT_LENGTHS):
         np.testing.assert_allclose(logits[b, :n], full[b, :n], atol=1e-5, err_msg=f"row {b}")
+    # The same prefill, projecting only each row's last prompt position (what sampling does).
+    last = np.array(PROMPT_LENGTHS)[:, None] - 1  # [B, 1]
+    only, _ = model.apply({"params": params, "cache": created["cache"]}, block,
+                          positions=positions, decode=True, logit_positions=last,
+                          mutable=["cache"])  # fmt: skip
+    np.testing.assert_allclose(only[:, 0], full[np.arange(B), last[:, 0]], atol=1e-5)
     # Then one token per call, each row from its own position.
     at = np.array(PROMPT_LENGTHS)
     while np.any(at < T):
@@ -339,16 +414,17 @@ PROMPT = np.array(
 )  # lengths 4, 2, 5, 0 (an empty prompt starts from the start slot alone)
 
 
-def _greedy_by_full_recompute(model, params, prompt, max_length):
+def _greedy_by_full_recompute(model, params, prompt, max_length, max_new=None):
     pad = model.config.pad_id
     lengths = [int(np.argmin(np.append(row != pad, False))) for row in prompt]
+    limits = [max_length] * len(prompt) if max_new is None else np.add(lengths, max_new)
     seqs = np.full((len(prompt), max_length), pad, np.int32)
     seqs[:, : prompt.shape[1]] = prompt
     done = np.zeros(len(prompt), bool)
     for t in range(min(lengths), max_length):
         logits = np.asarray(model.apply({"params": params}, shift_right(seqs, pad)))
         for b in range(len(prompt)):
-            if t < lengths[b] or done[b]:
+            if t < lengths[b] or t >= limits[b] or done[b]:
                 continue
             row = logits[b, t].copy()
             row[pad] = -np.inf  # padding is never generated
@@ -366,6 +442,24 @@ def test_greedy_generation_equals_full_recompute(name, prefill):
     got = decoding.generate(model, params, jnp.asarray(PROMPT), jax.random.key(0),
                             max_length=T, temperature=0.0, prefill=prefill)  # fmt: skip
     np.testing.assert_array_equal(got, _greedy_by_full_recompute(model, params, PROMPT, T))
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_greedy_generation_with_per_row_limits_equals_full_recompute(prefill):
+    """Each row stops after its own number of new tokens, counted from its prompt."""
+    model = TransformerLM(_cfg())
+    params = _params(model, jnp.asarray(PROMPT), seed=3)
+    max_new = np.array([3, 1, 2, 6], np.int32)  # prompt lengths 4, 2, 5, 0
+    got = np.asarray(decoding.generate(model, params, jnp.asarray(PROMPT), jax.random.key(0),
+                                       max_length=T, max_new_tokens=max_new, temperature=0.0,
+                                       prefill=prefill))  # fmt: skip
+    np.testing.assert_array_equal(
+        got, _greedy_by_full_recompute(model, params, PROMPT, T, max_new=max_new)
+    )
+    assert np.all(got[:, 7:] == 0)  # every row ended by column 7 (at 4 + 3 and 5 + 2)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0"):
+        decoding.generate(model, params, jnp.asarray(PROMPT), jax.random.key(0), max_length=T,
+                          max_new_tokens=0)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["paper", "gqa"])

@@ -388,6 +388,16 @@ def _check_generated(r: Result, box: Sandbox) -> None:
     assert len(lines) == 1 and lines[0].startswith("the small dog"), r.stdout
 
 
+def _check_lm_evaluated(r: Result, box: Sandbox) -> None:
+    # "prints the loss, perplexity and bits per byte of the validation split ... one
+    # `NAME VALUE` line each"
+    lines = r.stdout.splitlines()
+    assert "split: validation" in lines[0], r.stdout
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["loss", "perplexity", "bits_per_byte"], r.stdout
+    assert all(float(line.split()[1]) > 0 for line in lines[1:]), r.stdout
+
+
 def _write_text_corpus(box: Sandbox) -> None:
     train, dev = _corpus(1000, seed=4), _corpus(32, seed=5)
     (box.repo / "train.txt").write_text("".join(s + "\n" for s, _ in train))
@@ -614,6 +624,9 @@ COMMANDS: dict[str, Run] = {
     '.venv/bin/python experiments/generate.py --workdir=/tmp/lm --prompt="the small dog" '
     "--max_new_tokens=12 --temperature=0": Run(
         "generate", needs=(TRAIN_LM,), check=_check_generated
+    ),
+    ".venv/bin/python experiments/evaluate.py --workdir=/tmp/lm": Run(
+        "evaluate-lm", needs=(TRAIN_LM,), check=_check_lm_evaluated
     ),
     PREPARE_TEXT: Run(
         "prepare-text",

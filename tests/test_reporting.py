@@ -2,6 +2,8 @@
 
 import json
 import struct
+import subprocess
+import sys
 import types
 
 import jax
@@ -121,6 +123,22 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     resumed.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1]
+
+
+def test_metrics_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (~9 s on 2 cores, every training
+    process); the writer loads it without. Run in a fresh process: this one may hold torch."""
+    code = (
+        "import sys\n"
+        "from attention_jax.train.reporting import MetricsWriter\n"
+        f"log = MetricsWriter({str(tmp_path)!r})\n"
+        "log.write(3, {'train_loss': 1.5})\n"
+        "log.close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch  # still importable afterwards\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert _read_events(tmp_path / "tensorboard")["train/loss"] == [(3, 1.5)]
 
 
 def test_training_run_logs_mfu_and_tensorboard(tmp_path, capsys):

@@ -447,12 +447,13 @@ def _prefix_step_fn(table):
         h = jnp.sum(seen * jnp.asarray(table.weights)[None, :], axis=1) % M  # [N]
         return jnp.asarray(table.table)[cache["row"], step, h], {**cache, "prefix": prefix}
 
-    def prefill_fn(tokens, cache):
+    def prefill_fn(tokens, cache, last):
         out = []
         for t in range(tokens.shape[1]):
             logits, cache = step_fn(tokens[:, t], cache, jnp.int32(t))
             out.append(logits)
-        return jnp.stack(out, axis=1), cache
+        every = jnp.stack(out, axis=1)  # [N, P, V]
+        return jnp.take_along_axis(every, last[:, None, None], axis=1)[:, 0], cache
 
     return step_fn, prefill_fn
 
@@ -475,6 +476,52 @@ def test_prefill_gives_the_ids_of_feeding_the_prompt(settings):
         for b, n in enumerate([3, 1, 4, 0]):
             np.testing.assert_array_equal(pre[b, :n], prompt[b, :n])
             parse(pre[b], T)
+
+
+def _sample_by_hand(table, prompt, limits, T):
+    """Greedy over the Table in float64, one row at a time: row b copies its prompt, then
+    takes the argmax until EOS or column ``limits[b]`` (exclusive); pad after."""
+    out = np.full((len(prompt), T), PAD, np.int32)
+    for b, row in enumerate(prompt):
+        n = int(np.argmin(np.append(row != PAD, False)))
+        out[b, :n] = row[:n]
+        for t in range(n, limits[b]):
+            fed = np.concatenate([[BOS], out[b, :t]])
+            out[b, t] = int(np.argmax(table.logp(b, fed)))
+            if out[b, t] == EOS:
+                break
+    return out
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["fed", "prefill"])
+def test_per_row_max_new_tokens(prefill):
+    """Row b stops after max_new_tokens[b] new tokens, counted from its own prompt length,
+    and the loop ends when the last row does (not at T)."""
+    T, B = 12, 4
+    prompt = np.array([[2, 3, 2, 0], [3, 0, 0, 0], [2, 2, 3, 3], [0, 0, 0, 0]], np.int32)
+    lens, new = np.array([3, 1, 4, 0]), np.array([2, 3, 1, 4])
+    table = Table(np.random.default_rng(13), B, T, eos_logit=-9.0)  # EOS never wins
+    step_fn, prefill_fn = _prefix_step_fn(table)
+    steps = []  # the step argument of every call of the step function
+
+    def counted(tokens, cache, step):
+        jax.debug.callback(lambda s: steps.append(np.asarray(s)), step)
+        return step_fn(tokens, cache, step)
+
+    got = _sample(counted, table.cache(range(B)), 0, batch_size=B, max_length=T,
+                  prompt=prompt, max_new_tokens=new, temperature=0.0,
+                  prefill_fn=prefill_fn if prefill else None)  # fmt: skip
+    limits = lens + new  # [5, 4, 5, 4]: every row ends well before T
+    np.testing.assert_array_equal(got, _sample_by_hand(table, prompt, limits, T))
+    assert np.all(got[np.arange(T)[None, :] >= limits[:, None]] == PAD)
+    # Fed: one call per column up to the last row's end. Prefill: the first new token
+    # comes from the prefill, then one call per further token of the longest-running row.
+    assert len(steps) == (max(limits) if not prefill else max(new) - 1), steps
+    # An int limits every row alike, and T caps it.
+    same = _sample(step_fn, table.cache(range(B)), 0, batch_size=B, max_length=T,
+                   prompt=prompt, max_new_tokens=20, temperature=0.0,
+                   prefill_fn=prefill_fn if prefill else None)  # fmt: skip
+    np.testing.assert_array_equal(same, _sample_by_hand(table, prompt, [T] * B, T))
 
 
 # ---- Bad arguments. ----
@@ -535,10 +582,17 @@ BAD = [
             batch_size=2,
             max_length=4,
             prompt=np.zeros((2, 2), np.int32),
-            prefill_fn=lambda t, c: (t, c),
+            prefill_fn=lambda t, c, last: (jnp.zeros((*t.shape, V)), c),
         ),
-        "expected float logits [B, P + 1, V] = (2, 3, 4) from prefill_fn",
+        "expected float logits [B, V] = (2, 4) (each row's at its prompt length) from prefill_fn",
     ),
+    (lambda: _sa(max_new_tokens=0), "sample: expected max_new_tokens >= 1, got 0"),
+    (lambda: _sa(max_new_tokens=np.array([2, 0])), "expected max_new_tokens >= 1, got [2, 0]"),
+    (
+        lambda: _sa(max_new_tokens=np.array([1, 2, 3])),
+        "expected max_new_tokens to be an int or integer [B] with B = batch_size = 2",
+    ),
+    (lambda: _sa(max_new_tokens=1.5), "expected max_new_tokens to be an int or integer [B]"),
     (
         lambda: search.sample(_PS, _C, _KEY, batch_size=2, max_length=4, prefill_fn=3),
         "prefill_fn must be callable, got 3",

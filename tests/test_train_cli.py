@@ -141,6 +141,7 @@ OVERRIDES = {
     "feed_forward": ("swiglu", "swiglu"),
     "attention_bias": ("False", False),
     "tie_output_embedding": ("True", True),
+    "remat": ("dots", "dots"),
 }
 
 

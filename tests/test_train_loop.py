@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from shared_fixtures import build_once
 
 from attention_jax import Transformer
 from attention_jax.train import loop as train_loop
+from attention_jax.train import step as training
 from attention_jax.workdir.checkpoint import Checkpointer, average_checkpoints
 from attention_jax.workdir.experiment import model_config
 
@@ -59,18 +62,43 @@ def _final_params(workdir, step):
     return _final_state(workdir, step)["params"]
 
 
-def test_end_to_end_tiny_run(tmp_path):
-    final = train_loop.train_and_evaluate(_tiny_config(6), str(tmp_path))
+def test_end_to_end_tiny_run(tmp_path_factory, tmp_path, monkeypatch):
+    """Six steps with the loss computed over chunks (config.loss_chunk reaches the train and
+    eval steps) train as the plain loss does: the same losses as the shared plain run's."""
+    chunks = []  # the chunk size of each traced chunked loss
+
+    def spy(*args, chunk, **kwargs):
+        chunks.append(chunk)
+        return chunked(*args, chunk=chunk, **kwargs)
+
+    chunked = training.chunked_smoothed_cross_entropy_terms
+    monkeypatch.setattr(training, "chunked_smoothed_cross_entropy_terms", spy)
+    final = train_loop.train_and_evaluate(_tiny_config(6, loss_chunk=5), str(tmp_path))
+    assert len(chunks) >= 2 and set(chunks) == {5}  # the train step and the eval step
     assert set(final) == {"loss", "accuracy", "exact_match"}
     assert np.isfinite(final["loss"])
-    assert [s for s, _ in _losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    losses = _losses(tmp_path)
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     assert Checkpointer(str(tmp_path)).latest_step() == 6
+    plain = _losses(_ten_steps(tmp_path_factory, tmp_path / "plain"))[:6]
+    np.testing.assert_allclose([x for _, x in losses], [x for _, x in plain], rtol=1e-5)
 
 
-def test_exact_resume_equals_uninterrupted_run(tmp_path):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+def _ten_steps(tmp_path_factory, path: pathlib.Path) -> str:
+    """A copy at `path` (the test's to change) of a run of _tiny_config(10), trained once
+    per session whichever xdist worker asks first (shared_fixtures.build_once)."""
+
+    def train(shared):
+        train_loop.train_and_evaluate(_tiny_config(10), str(shared))
+
+    shutil.copytree(build_once(tmp_path_factory, "train_loop_10_steps", train), path)
+    return str(path)
+
+
+def test_exact_resume_equals_uninterrupted_run(tmp_path_factory, tmp_path):
+    straight = str(tmp_path / "straight")
     train_loop.train_and_evaluate(_tiny_config(20), straight)
-    train_loop.train_and_evaluate(_tiny_config(10), resumed)  # "stopped" at 10
+    resumed = _ten_steps(tmp_path_factory, tmp_path / "resumed")  # "stopped" at 10
     train_loop.train_and_evaluate(_tiny_config(20), resumed)  # restarted, same workdir
     assert _losses(resumed) == _losses(straight)  # per-step losses, bit for bit
     a, b = _final_params(straight, 20), _final_params(resumed, 20)
@@ -78,14 +106,14 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_checkpoint_of_a_different_model_is_refused_and_kept(tmp_path):
-    train_loop.train_and_evaluate(_tiny_config(2), str(tmp_path))
-    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    config = _tiny_config(4)
+def test_checkpoint_of_a_different_model_is_refused_and_kept(tmp_path_factory, tmp_path):
+    work = _ten_steps(tmp_path_factory, tmp_path / "w")  # a finished run's workdir
+    before = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
+    config = _tiny_config(20)
     config.model.num_layers = 3
     with pytest.raises(ValueError, match="holds a checkpoint of a different model"):
-        train_loop.train_and_evaluate(config, str(tmp_path))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+        train_loop.train_and_evaluate(config, work)
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize(

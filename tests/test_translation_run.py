@@ -4,10 +4,12 @@ batches, BLEU, exact resume of the data stream, and the workdir's consistency ch
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from shared_fixtures import build_once
 from test_train_loop import _final_params, _losses
 
 from attention_jax.data.sources import DatasetNotPreparedError
@@ -33,6 +35,18 @@ def _config(steps, **overrides):
     return config
 
 
+def _three_steps(tmp_path_factory, tmp_path) -> pathlib.Path:
+    """A copy (tmp_path/'w', the test's to change) of a 3-step run of _config(3), trained
+    once per session whichever xdist worker asks first (shared_fixtures.build_once)."""
+
+    def train(path):
+        train_loop.train_and_evaluate(_config(3), str(path))
+
+    copy = tmp_path / "w"
+    shutil.copytree(build_once(tmp_path_factory, "translation_run_3_steps", train), copy)
+    return copy
+
+
 def test_translation_run_writes_vocab_and_scores_bleu(tmp_path):
     final = train_loop.train_and_evaluate(_config(4), str(tmp_path))
     assert {"loss", "accuracy", "exact_match", "bleu", "chrf"} <= set(final)
@@ -47,12 +61,12 @@ def test_translation_run_writes_vocab_and_scores_bleu(tmp_path):
     assert len(padding) == 4 and all(0 <= p < 0.3 for p in padding)  # packed rows are full
 
 
-def test_resume_continues_the_exact_data_stream(tmp_path):
+def test_resume_continues_the_exact_data_stream(tmp_path_factory, tmp_path):
     """6 steps straight == 3 steps, stop, restart to 6: the grain iterator's state in the
     checkpoint makes the restarted run read exactly the batches the straight run read."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    straight = str(tmp_path / "straight")
     train_loop.train_and_evaluate(_config(6), straight)
-    train_loop.train_and_evaluate(_config(3), resumed)
+    resumed = str(_three_steps(tmp_path_factory, tmp_path))  # stopped after step 3
     train_loop.train_and_evaluate(_config(6), resumed)
     assert _losses(resumed) == _losses(straight)
     a, b = _final_params(straight, 6), _final_params(resumed, 6)
@@ -60,25 +74,25 @@ def test_resume_continues_the_exact_data_stream(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_a_different_vocabulary_in_the_workdir_is_refused(tmp_path):
-    train_loop.train_and_evaluate(_config(3), str(tmp_path))
+def test_a_different_vocabulary_in_the_workdir_is_refused(tmp_path_factory, tmp_path):
+    work = _three_steps(tmp_path_factory, tmp_path)  # a finished 3-step run's workdir
     other = Tokenizer.train(
         (f"word{i} other{i % 7}" for i in range(3000)), 300
     )  # a vocabulary of other text
-    other.save(tmp_path / "vocab.model")
-    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other.save(work / "vocab.model")
+    before = sorted(p.name for p in (work / "checkpoints").iterdir())
     with pytest.raises(ValueError, match="trained with vocabulary"):
-        train_loop.train_and_evaluate(_config(6), str(tmp_path))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-    assert Tokenizer.load(tmp_path / "vocab.model") == other  # not overwritten
+        train_loop.train_and_evaluate(_config(6), str(work))
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == before
+    assert Tokenizer.load(work / "vocab.model") == other  # not overwritten
 
 
-def test_a_missing_vocabulary_is_reported_not_retrained(tmp_path):
-    train_loop.train_and_evaluate(_config(3), str(tmp_path))
-    (tmp_path / "vocab.model").unlink()
+def test_a_missing_vocabulary_is_reported_not_retrained(tmp_path_factory, tmp_path):
+    work = _three_steps(tmp_path_factory, tmp_path)  # a finished 3-step run's workdir
+    (work / "vocab.model").unlink()
     with pytest.raises(FileNotFoundError, match=r"vocab\.model is missing"):
-        train_loop.train_and_evaluate(_config(6), str(tmp_path))
-    assert not (tmp_path / "vocab.model").exists()
+        train_loop.train_and_evaluate(_config(6), str(work))
+    assert not (work / "vocab.model").exists()
 
 
 def test_an_unprepared_dataset_names_the_command(tmp_path):

@@ -20,7 +20,10 @@ COMMANDS = {
     "train": ("attention_jax.cli.train", "train a model in a workdir (resumes)"),
     "translate": ("attention_jax.cli.translate", "translate text with a trained workdir"),
     "generate": ("attention_jax.cli.generate", "continue prompts with a language-model workdir"),
-    "evaluate": ("attention_jax.cli.evaluate", "sacreBLEU / chrF of a trained workdir"),
+    "evaluate": (
+        "attention_jax.cli.evaluate",
+        "BLEU / chrF of a translation workdir; perplexity, bits per byte of an LM",
+    ),
     "prepare": ("attention_jax.cli.prepare_data", "prepare a dataset and its vocabulary"),
 }
 

@@ -186,6 +186,28 @@ def run_reader(
         os._exit(130)
 
 
+class Program:
+    """A read-only command's name, as its messages start (``translate: ...``), and its
+    :func:`run_reader` entry point. The name is the module's default (``Program("translate")``)
+    until `run` takes it from ``argv[0]``: ``translate.py`` for experiments/translate.py,
+    ``attention-jax translate`` for the installed command."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def log(self, message: str) -> None:
+        """`message` on stderr after the command's name (e.g. a skipped damaged checkpoint)."""
+        print(f"{self.name}: {message}", file=sys.stderr, flush=True)
+
+    def run(
+        self, main: Callable[[list[str]], object], module: str, argv: list[str] | None = None
+    ) -> None:
+        """Names the command from ``argv[0]`` (default ``sys.argv``), then :func:`run_reader`."""
+        argv = list(sys.argv if argv is None else argv)
+        self.name = os.path.basename(argv[0]) if argv[0].endswith(".py") else argv[0]
+        run_reader(main, self.name, argv, module)
+
+
 def silence_stdout() -> None:
     """After a broken pipe (the reader of stdout went away): point stdout at /dev/null, or
     Python would report the broken pipe again when it flushes stdout at exit."""

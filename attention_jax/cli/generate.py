@@ -22,7 +22,6 @@ end). Nothing in the workdir is written.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -45,7 +44,7 @@ flags.DEFINE_integer("num_samples", 1, "Samples (output lines) per prompt.")
 flags.DEFINE_integer("batch_size", 32, "Rows (prompt samples) per decoding batch.")
 flags.mark_flags_as_required(["workdir"])
 
-PROG = "generate"
+PROG = errors.Program("generate")  # named from argv[0] by run()
 
 
 def main(argv):
@@ -83,7 +82,7 @@ def main(argv):
     output = Output(FLAGS.output, "--output")  # before the model is loaded
     if prompts is None and check_text_file(FLAGS.input, "--input") == 0:
         raise errors.CommandError(f"--input {FLAGS.input} holds no prompts")
-    generator = Generator.from_workdir(FLAGS.workdir, log=_log)
+    generator = Generator.from_workdir(FLAGS.workdir, log=PROG.log)
     options = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
         top_p=FLAGS.top_p, seed=FLAGS.seed, num_samples=FLAGS.num_samples,
@@ -118,15 +117,8 @@ def main(argv):
             stream.close()
 
 
-def _log(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
 def run(argv: list[str] | None = None) -> None:
-    global PROG
-    argv = list(sys.argv if argv is None else argv)
-    PROG = os.path.basename(argv[0]) if argv[0].endswith(".py") else argv[0]
-    errors.run_reader(main, PROG, argv, __name__)
+    PROG.run(main, __name__, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ and exit status 1 (--verbosity=1 or ATTENTION_JAX_TRACEBACK=1 shows the tracebac
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -253,35 +254,35 @@ def _prepare_local(splits, data_dir, name, dataset):
         )
     print(f"preparing {name} from {splits} ...", flush=True)
     if dataset == LOCAL_TEXT:
-        sources.prepare_text_corpus(
-            splits,
-            data_dir=data_dir,
-            name=name,
-            paragraphs=FLAGS.paragraphs,
-            overwrite=FLAGS.overwrite,
-        )
+        prepare = functools.partial(sources.prepare_text_corpus, paragraphs=FLAGS.paragraphs)
     else:
-        sources.prepare_local_corpus(
-            splits, data_dir=data_dir, name=name, overwrite=FLAGS.overwrite
-        )
+        prepare = sources.prepare_local_corpus
+    prepare(splits, data_dir=data_dir, name=name, overwrite=FLAGS.overwrite)
     return True
 
 
 def _prepare_lm1b(data_dir):
     """Downloads and prepares lm1b unless it is prepared; True if it did."""
-    builder = tfds.builder(LM1B, data_dir=data_dir)
+    return _prepare_download(LM1B, data_dir, "1.8 GB", sources.prepare_lm1b)
+
+
+def _prepare_download(name, data_dir, size, prepare):
+    """Runs ``prepare(data_dir)`` (which downloads `size` and prepares dataset `name`)
+    unless `name` is prepared (--overwrite: removes it first, keeping the downloads); True
+    if it did."""
+    builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         if not FLAGS.overwrite:
-            print(f"{LM1B} is already prepared in {builder.data_dir}; reusing it")
+            print(f"{name} is already prepared in {builder.data_dir}; reusing it")
             return False
         print(f"--overwrite: removing {builder.data_dir} (downloads are kept)", flush=True)
         shutil.rmtree(builder.data_dir)
     print(
-        f"preparing {LM1B}: downloads 1.8 GB from statmt.org into "
+        f"preparing {name}: downloads {size} from statmt.org into "
         f"{os.path.join(data_dir, 'downloads')}, then writes array_record files ...",
         flush=True,
     )
-    sources.prepare_lm1b(data_dir)
+    prepare(data_dir)
     return True
 
 
@@ -302,20 +303,9 @@ def _prepare_toy(data_dir):
 
 def _prepare_wmt(name, data_dir):
     """Downloads and prepares WMT14 / WMT17 unless it is prepared; True if it did."""
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-        if not FLAGS.overwrite:
-            print(f"{name} is already prepared in {builder.data_dir}; reusing it")
-            return False
-        print(f"--overwrite: removing {builder.data_dir} (downloads are kept)", flush=True)
-        shutil.rmtree(builder.data_dir)
-    print(
-        f"preparing {name}: downloads several GB from statmt.org into "
-        f"{os.path.join(data_dir, 'downloads')}, then writes array_record files ...",
-        flush=True,
+    return _prepare_download(
+        name, data_dir, "several GB", lambda d: sources.prepare_wmt14(d, name=name)
     )
-    sources.prepare_wmt14(data_dir, name=name)
-    return True
 
 
 def _describe_dataset(name, data_dir):
@@ -327,26 +317,15 @@ def _describe_dataset(name, data_dir):
 
 def _train_vocabulary(train, vocab_size, max_sentences):
     indices = sample_pairs(len(train), max_sentences)
-    start = time.perf_counter()
-    sentences = list(
-        tqdm(
-            pair_sentences(train, indices),
-            total=2 * len(indices),
-            desc="reading train sentences",
-            unit=" sentences",
-            unit_scale=True,
-            mininterval=1.0,
-        )
+    sentences = pair_sentences(train, indices)
+    tokenizer, seconds = _read_and_train(
+        sentences,
+        total=2 * len(indices),
+        unit="sentences",
+        sample=f"{len(indices):,} of {len(train):,} train pairs",
+        vocab_size=vocab_size,
+        max_sentences=max_sentences,
     )
-    read = time.perf_counter() - start
-    print(
-        f"training a {vocab_size}-piece BPE vocabulary on {len(sentences):,} sentences "
-        f"({len(indices):,} of {len(train):,} train pairs, read in {read:.1f} s) ...",
-        flush=True,
-    )
-    start = time.perf_counter()
-    tokenizer = Tokenizer.train(sentences, vocab_size, max_sentences=max_sentences)
-    seconds = time.perf_counter() - start
     pairs = [train[int(i)] for i in indices[:STATS_PAIRS]]
     mean = {
         side: np.mean([len(tokenizer.encode(pair[side])) for pair in pairs])
@@ -361,26 +340,15 @@ def _train_vocabulary(train, vocab_size, max_sentences):
 
 def _train_text_vocabulary(train, vocab_size, max_sentences):
     indices = sample_indices(len(train), max_sentences)
-    start = time.perf_counter()
-    sentences = list(
-        tqdm(
-            text_sentences(train, indices),
-            total=len(indices),
-            desc="reading train texts",
-            unit=" texts",
-            unit_scale=True,
-            mininterval=1.0,
-        )
+    sentences = text_sentences(train, indices)
+    tokenizer, seconds = _read_and_train(
+        sentences,
+        total=len(indices),
+        unit="texts",
+        sample=f"{len(indices):,} of {len(train):,} train examples",
+        vocab_size=vocab_size,
+        max_sentences=max_sentences,
     )
-    read = time.perf_counter() - start
-    print(
-        f"training a {vocab_size}-piece BPE vocabulary on {len(sentences):,} texts "
-        f"({len(indices):,} of {len(train):,} train examples, read in {read:.1f} s) ...",
-        flush=True,
-    )
-    start = time.perf_counter()
-    tokenizer = Tokenizer.train(sentences, vocab_size, max_sentences=max_sentences)
-    seconds = time.perf_counter() - start
     texts = [train[int(i)]["text"] for i in indices[:STATS_PAIRS]]
     tokens = sum(len(tokenizer.encode(t)) for t in texts)
     size = sum(len(t.encode("utf-8")) for t in texts)
@@ -390,6 +358,32 @@ def _train_text_vocabulary(train, vocab_size, max_sentences):
         f"per token"
     )
     return tokenizer
+
+
+def _read_and_train(sentences, *, total, unit, sample, vocab_size, max_sentences):
+    """Reads the `total` `sentences` (progress counted in `unit`; `sample` says which train
+    examples they come from) and trains the vocabulary on them; returns (tokenizer, seconds
+    of training)."""
+    start = time.perf_counter()
+    sentences = list(
+        tqdm(
+            sentences,
+            total=total,
+            desc=f"reading train {unit}",
+            unit=f" {unit}",
+            unit_scale=True,
+            mininterval=1.0,
+        )
+    )
+    read = time.perf_counter() - start
+    print(
+        f"training a {vocab_size}-piece BPE vocabulary on {len(sentences):,} {unit} "
+        f"({sample}, read in {read:.1f} s) ...",
+        flush=True,
+    )
+    start = time.perf_counter()
+    tokenizer = Tokenizer.train(sentences, vocab_size, max_sentences=max_sentences)
+    return tokenizer, time.perf_counter() - start
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ written as the batches come.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -49,7 +48,7 @@ flags.DEFINE_enum(
 )
 flags.mark_flags_as_required(["workdir"])
 
-PROG = "translate"
+PROG = errors.Program("translate")  # named from argv[0] by run()
 
 
 def main(argv):
@@ -72,7 +71,9 @@ def main(argv):
     output = Output(FLAGS.output, "--output")  # before the model is loaded
     if check_text_file(FLAGS.input, "--input") == 0:  # a file: every line decodes
         raise errors.CommandError(f"--input {FLAGS.input} holds no sentences")
-    translator = Translator.from_workdir(FLAGS.workdir, average_last=FLAGS.average_last, log=_log)
+    translator = Translator.from_workdir(
+        FLAGS.workdir, average_last=FLAGS.average_last, log=PROG.log
+    )
     too_long = TooLong(FLAGS.too_long)
     if FLAGS.input == "-":
         stream, where = sys.stdin.buffer, "--input (stdin)"
@@ -97,18 +98,11 @@ def main(argv):
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    too_long.warn(PROG, translator.model.config.max_len)
-
-
-def _log(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    too_long.warn(PROG.name, translator.model.config.max_len)
 
 
 def run(argv: list[str] | None = None) -> None:
-    global PROG
-    argv = list(sys.argv if argv is None else argv)
-    PROG = os.path.basename(argv[0]) if argv[0].endswith(".py") else argv[0]
-    errors.run_reader(main, PROG, argv, __name__)
+    PROG.run(main, __name__, argv)
 
 
 if __name__ == "__main__":

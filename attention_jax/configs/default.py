@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
         # The fastest attention for the device and shape: a train step needs only grad, so
         # reverse-only fused kernels are welcome (None would also serve jax.jvp).
         attention_implementation="auto",
+        # Recompute each layer's activations in the backward pass instead of keeping them:
+        # "none" (keep all), "full", "dots" (keep the weight matmuls' outputs), "dots_all"
+        # (every matmul's); less memory for more compute, the same numbers.
+        remat="none",
     )
     config.data = ml_collections.ConfigDict(
         dict(
@@ -56,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_factor = 1.0
     config.clip_norm = 0.0  # 0 = no gradient clipping
     config.label_smoothing = 0.1
+    config.loss_chunk = 0  # > 0: the loss over chunks of this many tokens (logits recomputed in
+    # the backward pass, so [B, T, V] float32 logits are never alive at once); the same loss
     config.nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
     config.accum_steps = 1  # microbatches per step (gradient accumulation)
     config.log_every = 100
@@ -69,6 +75,14 @@ def get_config() -> ml_collections.ConfigDict:
     # attention_jax.train.flops.PEAK_FLOPS (TPUs, NVIDIA GPUs); CPUs are not listed, so no MFU there
     # unless given (benchmarks/train_step.py measures a CPU's matmul peak).
     config.peak_flops_per_device = 0.0
+    # A jax.profiler trace of the train steps [start, stop) (0-based, e.g. (10, 13)) in
+    # <workdir>/profile, with step annotations, for TensorBoard's profile plugin or xprof;
+    # () = none. Process 0 only.
+    config.profile_steps = ()
+    # A folder for JAX's persistent compilation cache (e.g. ~/.cache/attention_jax/xla):
+    # every compiled step is kept there, so a resumed or repeated run loads it instead of
+    # compiling again; "" = no cache.
+    config.compilation_cache_dir = ""
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = the rest
     config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axis
     return config

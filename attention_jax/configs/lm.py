@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_factor = 1.0
     config.clip_norm = 0.0  # 0 = no gradient clipping
     config.label_smoothing = 0.0  # none, as flax's lm1b: the training loss is the NLL
+    config.loss_chunk = 0  # > 0: the loss over chunks of this many tokens (same loss, less memory)
     config.nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
     config.accum_steps = 1  # microbatches per step (gradient accumulation)
     config.log_every = 100
@@ -73,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     # attention_jax.train.flops.PEAK_FLOPS (TPUs, NVIDIA GPUs); CPUs are not listed, so no MFU there
     # unless given (benchmarks/train_step.py measures a CPU's matmul peak).
     config.peak_flops_per_device = 0.0
+    config.profile_steps = ()  # (start, stop): a jax.profiler trace in <workdir>/profile
+    config.compilation_cache_dir = ""  # a folder: JAX's persistent compilation cache there
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = the rest
     config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axis
     return config

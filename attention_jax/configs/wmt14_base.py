@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_factor = 1.0  # the paper's formula unscaled
     config.clip_norm = 0.0  # 0 = no gradient clipping (the paper does not clip)
     config.label_smoothing = 0.1  # epsilon_ls (section 5.4)
+    config.loss_chunk = 0  # > 0: the loss over chunks of this many tokens (same loss, less memory)
     config.nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
     config.accum_steps = 1  # raise it to reach 25k tokens/step on fewer devices
     config.log_every = 100
@@ -68,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000
     config.keep_checkpoints = 5  # the paper averages the last 5 checkpoints of the base model
     config.peak_flops_per_device = 0.0  # 0: look the device up (attention_jax.train.flops)
+    config.profile_steps = ()  # (start, stop): a jax.profiler trace in <workdir>/profile
+    config.compilation_cache_dir = ""  # a folder: JAX's persistent compilation cache there
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = the rest
     config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axis
     return config

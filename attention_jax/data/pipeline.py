@@ -99,12 +99,16 @@ def _check_process(process_index: Any, process_count: Any) -> tuple[int, int]:
     return process_index, process_count
 
 
-def _check_source(source: Any, process_index: int, process_count: int) -> int:
-    """The number of examples in this process's share; refuses an empty one."""
+def _check_random_access(source: Any) -> None:
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise ValueError(
             f"source must have __len__ and __getitem__ (random access), got {type(source)}"
         )
+
+
+def _check_source(source: Any, process_index: int, process_count: int) -> int:
+    """The number of examples in this process's share; refuses an empty one."""
+    _check_random_access(source)
     share = len(range(process_index, len(source), process_count))
     if share == 0:
         raise ValueError(
@@ -112,6 +116,15 @@ def _check_source(source: Any, process_index: int, process_count: int) -> int:
             f"{len(source)}"
         )
     return share
+
+
+def _check_loader(num_threads: Any, prefetch: Any, worker_count: Any) -> tuple[int, int, int]:
+    """The training pipelines' loader settings (`train_dataset`), each an int >= 0."""
+    return (
+        check_int("num_threads", num_threads, 0),
+        check_int("prefetch", prefetch, 0),
+        check_int("worker_count", worker_count, 0),
+    )
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
@@ -265,41 +278,72 @@ def train_dataset(
     process_index, process_count = _check_process(process_index, process_count)
     batch_size = check_int("batch_size", batch_size, 1)
     max_length = check_int("max_length", max_length, 2)  # one token + EOS
-    num_threads = check_int("num_threads", num_threads, 0)
-    prefetch = check_int("prefetch", prefetch, 0)
-    worker_count = check_int("worker_count", worker_count, 0)
+    num_threads, prefetch, worker_count = _check_loader(num_threads, prefetch, worker_count)
     _check_tokenizer(tokenizer)
     share = _check_source(source, process_index, process_count)
 
+    ds = _encoded_stream(
+        source,
+        functools.partial(_tokenize, tokenizer),
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=num_threads,
+        batch_size=batch_size,
+    )
+    ds = _LengthFilterIterDataset(ds, max_length, share)
+    ds = _pack(ds, {side: max_length for side in SIDES}, batch_size, _rename)
+    return _prefetch(ds, prefetch, worker_count)
+
+
+def _encoded_stream(
+    source: Any,
+    encode,
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_threads: int,
+    batch_size: int,
+) -> grain.IterDataset:
+    """The training pipelines' first stages: this process's share of `source`, shuffled
+    and repeated (`shard_and_shuffle`), each example through `encode`, read ahead."""
     ds = shard_and_shuffle(
         source, seed=seed, process_index=process_index, process_count=process_count
     )
-    ds = ds.map(functools.partial(_tokenize, tokenizer))
+    ds = ds.map(encode)
     # Threads suit tokenizers that release the GIL (SentencePiece); a deep buffer smooths
     # the packer's bursts (it reads until a whole batch is full).
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8 * batch_size)
-    ds = _LengthFilterIterDataset(ds.to_iter_dataset(read), max_length, share)
+    return ds.to_iter_dataset(read)
+
+
+def _pack(ds: grain.IterDataset, lengths: dict[str, int], batch_size: int, rename):
+    """First-fit packing into rows of `lengths` tokens per key, `batch_size` rows a batch;
+    the batch's keys through `rename`."""
     # batch_size bins: the packer emits all bins once an example fits in none, and every
     # bin is non-empty then (an empty bin takes any example that passed the filter), so
     # each batch below is exactly one packing round. Row order carries no information, so
     # the bins are not shuffled.
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds,
-        length_struct={side: max_length for side in SIDES},
-        num_packing_bins=batch_size,
-        shuffle_bins=False,
+        ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
     )
-    ds = ds.batch(batch_size, drop_remainder=True).map(_rename)
+    return ds.batch(batch_size, drop_remainder=True).map(rename)
+
+
+def _prefetch(ds: grain.IterDataset, prefetch: int, worker_count: int) -> grain.IterDataset:
+    """`ds` run ahead: by ``worker_count`` processes (``prefetch`` batches each), else by a
+    thread (``prefetch`` batches), else as it is."""
     if worker_count:
-        # Worker w runs everything above on elements w, w + worker_count, ... of the
+        # Worker w runs everything before this on elements w, w + worker_count, ... of the
         # shuffled stream; batches come round-robin. Deterministic for a fixed worker_count.
         options = grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)
         )
         _unparsed_flags_workaround()
-        ds = ds.mp_prefetch(options)
-    elif prefetch:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+        return ds.mp_prefetch(options)
+    if prefetch:
+        return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
 
 
@@ -374,8 +418,20 @@ def padding_fraction(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
 # -------------------------------------------------------------------------- evaluation
 
 
+class _Batches:
+    """An evaluation split's ``batches`` list: its length and iteration are the batches'."""
+
+    batches: list[dict[str, np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.batches)
+
+
 @dataclasses.dataclass(frozen=True)
-class EvalSplit:
+class EvalSplit(_Batches):
     """One process's share of an evaluation split, ready to score.
 
     ``batches``: dicts with ``inputs``, ``targets`` (int32 [B, max_length], right-padded with
@@ -391,12 +447,6 @@ class EvalSplit:
     references: list[str]
     indices: np.ndarray
     num_truncated: int
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.batches)
 
 
 def eval_batches(
@@ -424,10 +474,7 @@ def eval_batches(
     batch_size = check_int("batch_size", batch_size, 1)
     max_length = check_int("max_length", max_length, 2)
     _check_tokenizer(tokenizer)
-    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-        raise ValueError(
-            f"source must have __len__ and __getitem__ (random access), got {type(source)}"
-        )
+    _check_random_access(source)
     total = len(source)
     if limit is not None:
         total = min(check_int("limit", limit, 1), total)
@@ -576,38 +623,27 @@ def lm_train_dataset(
     process_index, process_count = _check_process(process_index, process_count)
     batch_size = check_int("batch_size", batch_size, 1)
     max_length = check_int("max_length", max_length, 1)
-    num_threads = check_int("num_threads", num_threads, 0)
-    prefetch = check_int("prefetch", prefetch, 0)
-    worker_count = check_int("worker_count", worker_count, 0)
+    num_threads, prefetch, worker_count = _check_loader(num_threads, prefetch, worker_count)
     _check_text_tokenizer(tokenizer)
     _check_source(source, process_index, process_count)
 
-    ds = shard_and_shuffle(
-        source, seed=seed, process_index=process_index, process_count=process_count
+    ds = _encoded_stream(
+        source,
+        functools.partial(_encode_example, tokenizer),
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=num_threads,
+        batch_size=batch_size,
     )
-    ds = ds.map(functools.partial(_encode_example, tokenizer))
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8 * batch_size)
-    ds = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), _Chunk(max_length))
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds,
-        length_struct={"targets": max_length, "targets_bytes": max_length},
-        num_packing_bins=batch_size,
-        shuffle_bins=False,
-    )
-    ds = ds.batch(batch_size, drop_remainder=True).map(_lm_rename)
-    if worker_count:
-        options = grain.MultiprocessingOptions(
-            num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)
-        )
-        _unparsed_flags_workaround()
-        ds = ds.mp_prefetch(options)
-    elif prefetch:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return ds
+    ds = grain.experimental.FlatMapIterDataset(ds, _Chunk(max_length))
+    lengths = {"targets": max_length, "targets_bytes": max_length}
+    ds = _pack(ds, lengths, batch_size, _lm_rename)
+    return _prefetch(ds, prefetch, worker_count)
 
 
 @dataclasses.dataclass(frozen=True)
-class LMEvalSplit:
+class LMEvalSplit(_Batches):
     """One process's share of a text split, ready to score.
 
     ``batches``: dicts with `LM_BATCH_KEYS` (int32 [B, max_length]) and ``valid`` (bool
@@ -621,12 +657,6 @@ class LMEvalSplit:
     num_examples: int
     num_tokens: int
     num_bytes: int
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.batches)
 
 
 def lm_eval_batches(
@@ -652,10 +682,7 @@ def lm_eval_batches(
     batch_size = check_int("batch_size", batch_size, 1)
     max_length = check_int("max_length", max_length, 1)
     _check_text_tokenizer(tokenizer)
-    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-        raise ValueError(
-            f"source must have __len__ and __getitem__ (random access), got {type(source)}"
-        )
+    _check_random_access(source)
     total = len(source)
     if limit is not None:
         total = min(check_int("limit", limit, 1), total)

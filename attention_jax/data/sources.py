@@ -81,8 +81,37 @@ class DatasetNotPreparedError(FileNotFoundError):
 # ---------------------------------------------------------------------------- reading
 
 
+class _RandomAccess:
+    """Random access to ``examples`` (a `tfds.data_source`), each converted by `_convert`:
+    the indexing `ParallelTextSource` and `TextSource` share."""
+
+    examples: Sequence[Mapping[str, Any]]
+
+    def _convert(self, example: Mapping[str, Any]) -> dict[str, str]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, str]:
+        # ArrayRecord answers any key outside [0, n) with ValueError; a sequence raises
+        # IndexError (which also ends `for example in source`) and counts back from -1.
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return self._convert(self.examples[index % len(self)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
+        """Batched read: one ArrayRecord call for many indices."""
+        n = len(self)
+        bad = [i for i in indices if not -n <= i < n]
+        if bad:
+            raise IndexError(f"indices {bad} out of range for {n} examples")
+        examples = self.examples.__getitems__([i % n for i in indices])
+        return [self._convert(e) for e in examples]
+
+
 @dataclasses.dataclass(frozen=True)
-class ParallelTextSource:
+class ParallelTextSource(_RandomAccess):
     """Random access to sentence pairs: ``source[i] == {'source': str, 'target': str}``.
 
     Wraps a `tfds.data_source` (whose text features come back as UTF-8 bytes) and renames
@@ -95,24 +124,8 @@ class ParallelTextSource:
     source_key: str = SOURCE
     target_key: str = TARGET
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, str]:
-        # ArrayRecord answers any key outside [0, n) with ValueError; a sequence raises
-        # IndexError (which also ends `for example in source`) and counts back from -1.
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} examples")
-        return to_pair(self.examples[index % len(self)], self.source_key, self.target_key)
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
-        """Batched read: one ArrayRecord call for many indices."""
-        n = len(self)
-        bad = [i for i in indices if not -n <= i < n]
-        if bad:
-            raise IndexError(f"indices {bad} out of range for {n} examples")
-        examples = self.examples.__getitems__([i % n for i in indices])
-        return [to_pair(e, self.source_key, self.target_key) for e in examples]
+    def _convert(self, example: Mapping[str, Any]) -> dict[str, str]:
+        return to_pair(example, self.source_key, self.target_key)
 
     def __repr__(self) -> str:
         return (
@@ -252,16 +265,7 @@ def prepare_local_corpus(
     """
     _check_new_name(name, "{'train': 'train.tsv'}", splits)
     corpora = {split: _LocalCorpus.from_files(split, files) for split, files in splits.items()}
-    sizes = {split: corpus.check() for split, corpus in corpora.items()}
-
-    builder = _LocalCorpusBuilder(
-        name=name,
-        corpora=corpora,
-        sizes=sizes,
-        data_dir=os.fspath(data_dir),
-        file_format=tfds.core.FileFormat.ARRAY_RECORD,
-    )
-    return _write_local(builder, name, overwrite)
+    return _write_local(_LocalCorpusBuilder, corpora, data_dir, name, overwrite)
 
 
 def _check_new_name(name: Any, example: str, splits: Mapping[str, Any]) -> None:
@@ -286,8 +290,24 @@ def _check_new_name(name: Any, example: str, splits: Mapping[str, Any]) -> None:
             raise ValueError(f"split names are letters, digits and _, got {split!r}")
 
 
-def _write_local(builder: tfds.core.DatasetBuilder, name: str, overwrite: bool) -> Path:
-    """Writes a checked local dataset (refusing an existing one unless `overwrite`)."""
+def _write_local(
+    builder_cls: type[_LocalBuilder],
+    corpora: Mapping[str, _LocalCorpus | _TextCorpus],
+    data_dir: PathLike,
+    name: str,
+    overwrite: bool,
+) -> Path:
+    """Checks every split's files (``corpus.check()``, the sizes), then writes them as the
+    array_record dataset `name` with `builder_cls` (refusing an existing one unless
+    `overwrite`)."""
+    sizes = {split: corpus.check() for split, corpus in corpora.items()}
+    builder = builder_cls(
+        name=name,
+        corpora=corpora,
+        sizes=sizes,
+        data_dir=os.fspath(data_dir),
+        file_format=tfds.core.FileFormat.ARRAY_RECORD,
+    )
     if builder.is_prepared() and not overwrite:
         raise FileExistsError(
             f"dataset {name!r} is already prepared in {builder.data_dir}; pass "
@@ -323,9 +343,7 @@ class _LocalCorpus:
             )
         roles = ("TSV",) if len(paths) == 1 else ("source", "target")
         for role, path in zip(roles, paths, strict=True):
-            if not path.is_file():
-                what = "is a directory, not a file" if path.is_dir() else "does not exist"
-                raise FileNotFoundError(f"split {split!r}: {role} file {path} {what}")
+            _check_file(split, role, path)
         return cls(split, paths)
 
     def check(self) -> int:
@@ -390,24 +408,37 @@ def _tsv_pairs(path: Path) -> Iterator[tuple[str, str]]:
         yield columns[0], columns[1]
 
 
-class _LocalCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A TFDS builder for one local corpus. Not registered: it is only used to write; the
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder for one local dataset, a split per corpus (`_LocalCorpus` or
+    `_TextCorpus`, ``sizes`` its examples). Not registered: it is only used to write; the
     prepared dataset is read back from its files (``dataset_info.json``, ``features.json``)
-    without this class."""
+    without this class. A subclass gives VERSION, ``_info`` and ``_generate_examples``."""
 
-    VERSION = tfds.core.Version(LOCAL_CORPUS_VERSION)
-
-    def __init__(self, *, name: str, corpora: Mapping[str, _LocalCorpus], sizes, **kwargs):
+    def __init__(self, *, name: str, corpora: Mapping[str, Any], sizes, **kwargs):
         self.name = name  # TFDS names the dataset directory after this
         self._corpora = corpora
         self._sizes = sizes
         super().__init__(**kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        files = "; ".join(
-            f"{split}: {', '.join(map(str, c.paths))} ({self._sizes[split]} pairs)"
+    def _files(self, unit: str) -> str:
+        """``'train: a.txt, b.txt (10 <unit>); validation: ...'``, for the description."""
+        return "; ".join(
+            f"{split}: {', '.join(map(str, c.paths))} ({self._sizes[split]} {unit})"
             for split, c in self._corpora.items()
         )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(c) for split, c in self._corpora.items()}
+
+
+class _LocalCorpusBuilder(_LocalBuilder, skip_registration=True):
+    """A local parallel corpus: features ``source`` and ``target``."""
+
+    VERSION = tfds.core.Version(LOCAL_CORPUS_VERSION)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        files = self._files("pairs")
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Local parallel corpus from {files}.",
@@ -418,10 +449,6 @@ class _LocalCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             disable_shuffling=True,  # keep file order; grain shuffles at read time
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        return {split: self._generate_examples(c) for split, c in self._corpora.items()}
-
     def _generate_examples(self, corpus: _LocalCorpus):
         for index, (source, target) in enumerate(corpus.pairs()):
             yield index, {SOURCE: source, TARGET: target}
@@ -431,7 +458,7 @@ class _LocalCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
 
 @dataclasses.dataclass(frozen=True)
-class TextSource:
+class TextSource(_RandomAccess):
     """Random access to text examples: ``source[i] == {'text': str}``.
 
     Wraps a `tfds.data_source` (text comes back as UTF-8 bytes) and renames its text
@@ -440,21 +467,8 @@ class TextSource:
     examples: Sequence[Mapping[str, Any]]
     key: str = TEXT
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, str]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} examples")
-        return {TEXT: _text(self.examples[index % len(self)][self.key])}
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
-        n = len(self)
-        bad = [i for i in indices if not -n <= i < n]
-        if bad:
-            raise IndexError(f"indices {bad} out of range for {n} examples")
-        examples = self.examples.__getitems__([i % n for i in indices])
-        return [{TEXT: _text(e[self.key])} for e in examples]
+    def _convert(self, example: Mapping[str, Any]) -> dict[str, str]:
+        return {TEXT: _text(example[self.key])}
 
     def __repr__(self) -> str:
         return f"TextSource({self.examples!r}, key={self.key!r}, len={len(self)})"
@@ -495,15 +509,7 @@ def prepare_text_corpus(
     corpora = {
         split: _TextCorpus.from_files(split, files, paragraphs) for split, files in splits.items()
     }
-    sizes = {split: corpus.check() for split, corpus in corpora.items()}
-    builder = _TextCorpusBuilder(
-        name=name,
-        corpora=corpora,
-        sizes=sizes,
-        data_dir=os.fspath(data_dir),
-        file_format=tfds.core.FileFormat.ARRAY_RECORD,
-    )
-    return _write_local(builder, name, overwrite)
+    return _write_local(_TextCorpusBuilder, corpora, data_dir, name, overwrite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,9 +528,7 @@ class _TextCorpus:
             raise ValueError(f"{_where(split)}give a text file or a list of them, got {files!r}")
         paths = tuple(Path(f) for f in files)
         for path in paths:
-            if not path.is_file():
-                what = "is a directory, not a file" if path.is_dir() else "does not exist"
-                raise FileNotFoundError(f"{_where(split)}text file {path} {what}")
+            _check_file(split, "text", path)
         return cls(split, paths, paragraphs)
 
     def check(self) -> int:
@@ -546,6 +550,13 @@ class _TextCorpus:
 
 def _where(split: str) -> str:
     return f"split {split!r}: " if split else ""
+
+
+def _check_file(split: str, role: str, path: Path) -> None:
+    """Refuses a `path` that is not a file: ``split 'train': source file x does not exist``."""
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{_where(split)}{role} file {path} {what}")
 
 
 def read_text_file(path: PathLike, *, paragraphs: bool = False) -> list[dict[str, str]]:
@@ -585,22 +596,13 @@ def text_examples(path: PathLike, *, paragraphs: bool = False) -> Iterator[str]:
         yield "\n".join(lines)
 
 
-class _TextCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A TFDS builder for one local text corpus (not registered; read back from its files)."""
+class _TextCorpusBuilder(_LocalBuilder, skip_registration=True):
+    """A local text corpus: one feature, ``text``."""
 
     VERSION = tfds.core.Version(LOCAL_TEXT_VERSION)
 
-    def __init__(self, *, name: str, corpora: Mapping[str, _TextCorpus], sizes, **kwargs):
-        self.name = name
-        self._corpora = corpora
-        self._sizes = sizes
-        super().__init__(**kwargs)
-
     def _info(self) -> tfds.core.DatasetInfo:
-        files = "; ".join(
-            f"{split}: {', '.join(map(str, c.paths))} ({self._sizes[split]} examples)"
-            for split, c in self._corpora.items()
-        )
+        files = self._files("examples")
         unit = "paragraph" if any(c.paragraphs for c in self._corpora.values()) else "line"
         return tfds.core.DatasetInfo(
             builder=self,
@@ -608,10 +610,6 @@ class _TextCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             features=tfds.features.FeaturesDict({TEXT: tfds.features.Text()}),
             disable_shuffling=True,  # keep file order; grain shuffles at read time
         )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        return {split: self._generate_examples(c) for split, c in self._corpora.items()}
 
     def _generate_examples(self, corpus: _TextCorpus):
         for index, text in enumerate(corpus.examples()):

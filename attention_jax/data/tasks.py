@@ -200,61 +200,61 @@ def _rows_per_process(config, data_parallel: int) -> int:
     )
 
 
-class TranslationTask:
-    """A parallel corpus through the SentencePiece vocabulary and grain's packed pipeline."""
+def _pipeline_options(config, rows: int) -> dict:
+    """The keywords `pipeline.train_dataset` and `pipeline.lm_train_dataset` share: the
+    seed, ``rows`` per process, ``config.data``'s max_length and loader settings
+    (reader_threads, prefetch, workers; 0 when unset), this process's index and count."""
+    data = config.data
+    return dict(
+        seed=config.seed,
+        batch_size=rows,
+        max_length=data.max_length,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_threads=data.get("reader_threads", 0),
+        prefetch=data.get("prefetch", 0),
+        worker_count=data.get("workers", 0),
+    )
+
+
+def _eval_batch_size(config, data_parallel: int) -> int:
+    """``config.data.eval_batch_size`` global rows, rounded up to a multiple of the
+    data-parallel devices × the processes."""
+    unit = data_parallel * jax.process_count()
+    return -(-config.data.eval_batch_size // unit) * unit
+
+
+class _CorpusTask:
+    """What `TranslationTask` and `LMTask` share: the train split through the workdir's
+    vocabulary (`load_or_train_vocabulary`) into grain's packed, resumable pipeline, whose
+    iterator state goes into every checkpoint. A subclass says how a split is read
+    (`_source`) and which pipeline packs it (`_train_dataset`)."""
 
     has_state = True
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):
         self.config = config
-        data = config.data
-        self.max_length = data.max_length
-        self.train_source = _load_source(config, "train")
+        self.max_length = config.data.max_length
+        self.train_source = self._source("train")
         self.tokenizer = load_or_train_vocabulary(config, workdir, self.train_source)
         self.vocab_size = self.tokenizer.vocab_size
-        rows = _rows_per_process(config, data_parallel)
-        self.rows = rows  # per process
+        self.rows = _rows_per_process(config, data_parallel)  # per process
         self.data_parallel = data_parallel
-        dataset = pipeline.train_dataset(
-            self.train_source,
-            self.tokenizer,
-            seed=config.seed,
-            batch_size=rows,
-            max_length=data.max_length,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_threads=data.get("reader_threads", 0),
-            prefetch=data.get("prefetch", 0),
-            worker_count=data.get("workers", 0),
+        dataset = self._train_dataset(
+            self.train_source, self.tokenizer, **_pipeline_options(config, self.rows)
         )
         self.iterator = iter(dataset)
         self._eval = {}
 
-    def example_batch(self) -> dict:
-        shape = (self.rows, self.max_length)
-        return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+    def _source(self, split: str):
+        raise NotImplementedError
+
+    def _train_dataset(self, source, tokenizer, **options):
+        raise NotImplementedError
 
     def next_batch(self, step: int) -> dict:
         del step  # the iterator's state says where the stream is
         return next(self.iterator)
-
-    def eval_data(self, split: str) -> EvalData:
-        """The split's first ``config.data.eval_examples`` pairs (all when 0), as global
-        batches of ``config.data.eval_batch_size`` rows. Every process builds the whole
-        split and feeds its rows of each batch, so every process can score all of it."""
-        if split not in self._eval:
-            data = self.config.data
-            unit = self.data_parallel * jax.process_count()
-            size = -(-data.eval_batch_size // unit) * unit  # a multiple of the devices
-            ev = pipeline.eval_batches(
-                _load_source(self.config, split),
-                self.tokenizer,
-                batch_size=size,
-                max_length=self.max_length,
-                limit=data.eval_examples or None,
-            )
-            self._eval[split] = EvalData(ev.batches, ev.sources, ev.references)
-        return self._eval[split]
 
     def splits(self) -> tuple[str, ...]:
         return available_splits(self.config)
@@ -265,6 +265,35 @@ class TranslationTask:
             "vocab_fingerprint": self.tokenizer.fingerprint,
             "vocab_size": self.vocab_size,
         }
+
+
+class TranslationTask(_CorpusTask):
+    """A parallel corpus through the SentencePiece vocabulary and grain's packed pipeline."""
+
+    def _source(self, split: str):
+        return _load_source(self.config, split)
+
+    def _train_dataset(self, source, tokenizer, **options):
+        return pipeline.train_dataset(source, tokenizer, **options)
+
+    def example_batch(self) -> dict:
+        shape = (self.rows, self.max_length)
+        return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+
+    def eval_data(self, split: str) -> EvalData:
+        """The split's first ``config.data.eval_examples`` pairs (all when 0), as global
+        batches of ``config.data.eval_batch_size`` rows. Every process builds the whole
+        split and feeds its rows of each batch, so every process can score all of it."""
+        if split not in self._eval:
+            ev = pipeline.eval_batches(
+                self._source(split),
+                self.tokenizer,
+                batch_size=_eval_batch_size(self.config, self.data_parallel),
+                max_length=self.max_length,
+                limit=self.config.data.eval_examples or None,
+            )
+            self._eval[split] = EvalData(ev.batches, ev.sources, ev.references)
+        return self._eval[split]
 
 
 def _load_text_source(config, split: str):
@@ -279,7 +308,7 @@ def _load_text_source(config, split: str):
     return sources.load_text_source(data.dataset, split, data_dir=data_dir(config))
 
 
-class LMTask:
+class LMTask(_CorpusTask):
     """A text corpus for a decoder-only language model: the workdir's SentencePiece
     vocabulary, grain's packed pipeline (`pipeline.lm_train_dataset`), iterator state in
     every checkpoint.
@@ -295,39 +324,15 @@ class LMTask:
     vocab_sentences, data_dir, reader_threads, prefetch, workers; and ``config.seed``.
     """
 
-    has_state = True
+    def _source(self, split: str):
+        return _load_text_source(self.config, split)
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, data_parallel: int):
-        self.config = config
-        data = config.data
-        self.max_length = data.max_length
-        self.train_source = _load_text_source(config, "train")
-        self.tokenizer = load_or_train_vocabulary(config, workdir, self.train_source)
-        self.vocab_size = self.tokenizer.vocab_size
-        self.rows = _rows_per_process(config, data_parallel)  # per process
-        self.data_parallel = data_parallel
-        dataset = pipeline.lm_train_dataset(
-            self.train_source,
-            self.tokenizer,
-            seed=config.seed,
-            batch_size=self.rows,
-            max_length=data.max_length,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_threads=data.get("reader_threads", 0),
-            prefetch=data.get("prefetch", 0),
-            worker_count=data.get("workers", 0),
-        )
-        self.iterator = iter(dataset)
-        self._eval = {}
+    def _train_dataset(self, source, tokenizer, **options):
+        return pipeline.lm_train_dataset(source, tokenizer, **options)
 
     def example_batch(self) -> dict:
         shape = (self.rows, self.max_length)
         return {key: np.zeros(shape, np.int32) for key in pipeline.LM_BATCH_KEYS}
-
-    def next_batch(self, step: int) -> dict:
-        del step  # the iterator's state says where the stream is
-        return next(self.iterator)
 
     def eval_data(self, split: str) -> EvalData:
         """The split's first ``config.data.eval_examples`` examples (all when 0), every
@@ -335,23 +340,12 @@ class LMTask:
         ``config.data.eval_batch_size`` rows (rounded up to a multiple of the devices);
         each process feeds its rows of each batch. ``sources``/``references`` are None."""
         if split not in self._eval:
-            source = _load_text_source(self.config, split)
-            self._eval[split] = self.eval_texts(source)
+            self._eval[split] = self.eval_texts(self._source(split))
         return self._eval[split]
 
     def eval_texts(self, source) -> EvalData:
         """Evaluation batches of any texts, as `eval_data` (`lm_eval_data`)."""
         return lm_eval_data(self.config, self.tokenizer, source, data_parallel=self.data_parallel)
-
-    def splits(self) -> tuple[str, ...]:
-        return available_splits(self.config)
-
-    def meta(self) -> dict:
-        return {
-            "dataset": self.config.data.dataset,
-            "vocab_fingerprint": self.tokenizer.fingerprint,
-            "vocab_size": self.vocab_size,
-        }
 
 
 def lm_eval_data(config, tokenizer, source, *, data_parallel: int) -> EvalData:
@@ -362,12 +356,10 @@ def lm_eval_data(config, tokenizer, source, *, data_parallel: int) -> EvalData:
     ``config.data.eval_packed`` is False, as global batches of ``config.data.eval_batch_size``
     rows rounded up to a multiple of ``data_parallel`` × the processes."""
     data = config.data
-    unit = data_parallel * jax.process_count()
-    size = -(-data.eval_batch_size // unit) * unit  # a multiple of the devices
     ev = pipeline.lm_eval_batches(
         source,
         tokenizer,
-        batch_size=size,
+        batch_size=_eval_batch_size(config, data_parallel),
         max_length=data.max_length,
         packed=data.get("eval_packed", True),
         limit=data.get("eval_examples", 0) or None,

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attention_jax.data.tokenizer import EOS_ID
 from attention_jax.decode import search
@@ -58,18 +59,20 @@ def step_fn(model: Transformer | TransformerLM, params):
 
 
 def prefill_fn(model: TransformerLM, params):
-    """``prefill(tokens [B, P], cache) -> (logits [B, P, V], cache)``: positions 0..P-1 of
-    every row through the LM's KV cache in one forward pass (writing P cache slots); the pad
-    id's logit is -inf, as in `step_fn`."""
+    """``prefill(tokens [B, P], cache, last [B]) -> (logits [B, V], cache)``: positions
+    0..P-1 of every row through the LM's KV cache in one forward pass (writing P cache
+    slots), and the logits of row b at position ``last[b]`` alone (the output projection
+    onto V runs on B positions, not B * P); the pad id's logit is -inf, as in `step_fn`."""
 
-    def prefill(tokens, cache):
+    def prefill(tokens, cache, last):
         B, P = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))  # [B, P]
         logits, new = model.apply(
             {"params": params, "cache": cache["model"]}, tokens, positions=positions,
-            decode=True, mutable=["cache"],
+            decode=True, logit_positions=jnp.asarray(last, jnp.int32)[:, None],
+            mutable=["cache"],
         )  # fmt: skip
-        logits = logits.at[..., model.config.pad_id].set(-jnp.inf)  # [B, P, V]
+        logits = logits[:, 0].at[:, model.config.pad_id].set(-jnp.inf)  # [B, V]
         return logits, {**cache, "model": new["cache"]}
 
     return prefill
@@ -118,7 +121,6 @@ def greedy_decode(model: Transformer, params, inputs, *, max_length: int):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "top_k", "prefill"))
 def generate(
     model: TransformerLM,
     params,
@@ -126,6 +128,7 @@ def generate(
     rng,
     *,
     max_length: int,
+    max_new_tokens=None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -133,18 +136,39 @@ def generate(
 ):
     """Samples continuations of `prompt` [B, P] (right-padded with the pad id; prompts of
     different lengths in one batch) from the LM: output ids [B, max_length] starting with
-    the prompt, cut after EOS. ``temperature=0``: greedy.
+    the prompt, cut after EOS. ``temperature=0``: greedy. Jitted (`model`, `max_length`,
+    `top_k`, `prefill` static).
+
+    ``max_new_tokens`` (int >= 1 or int [B]; default: up to `max_length`): row b stops
+    after that many new tokens, at column ``its prompt length + max_new_tokens`` (pad
+    after it); the loop ends when every row has, so short prompts do not run on to
+    `max_length`.
 
     ``prefill=True``: one forward pass reads every prompt position at once and fills the
-    KV cache; each row then samples one token per step from the end of its own prompt
-    (rows at different positions). ``prefill=False``: the prompt is fed one token per step
-    (the same ids for the same `rng`; slower to the first new token)."""
+    KV cache, projecting onto the vocabulary only each row's last prompt position; each
+    row then samples one token per step from the end of its own prompt (rows at different
+    positions). ``prefill=False``: the prompt is fed one token per step (the same ids for
+    the same `rng`; slower to the first new token)."""
+    if max_new_tokens is not None and not isinstance(max_new_tokens, jax.core.Tracer):
+        if isinstance(max_new_tokens, bool) or not np.all(np.asarray(max_new_tokens) >= 1):
+            raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    return _generate(
+        model, params, prompt, rng, max_length=max_length, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, prefill=prefill,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "top_k", "prefill"))
+def _generate(
+    model, params, prompt, rng, *, max_length, max_new_tokens, temperature, top_k, top_p, prefill
+):
     B = prompt.shape[0]
     blank = jnp.zeros((B, max_length), jnp.int32)  # shapes the cache [B, max_length, K, H]
     _, created = model.apply({"params": params}, blank, decode=True, mutable=["cache"])
     return search.sample(
         step_fn(model, params), {"model": created["cache"]}, rng, batch_size=B,
-        max_length=max_length, prompt=prompt, temperature=temperature, top_k=top_k,
-        top_p=top_p, eos_id=EOS_ID, pad_id=model.config.pad_id, bos_id=model.config.pad_id,
+        max_length=max_length, prompt=prompt, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=EOS_ID,
+        pad_id=model.config.pad_id, bos_id=model.config.pad_id,
         prefill_fn=prefill_fn(model, params) if prefill else None,
     )  # fmt: skip

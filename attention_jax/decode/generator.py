@@ -34,14 +34,18 @@ def _stderr(message: str) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "top_k"))
-def _sample_rows(model, params, prompts, keys, *, max_length, temperature, top_k, top_p):
+def _sample_rows(
+    model, params, prompts, keys, *, max_length, max_new_tokens, temperature, top_k, top_p
+):
     """prompts [B, P] (right-padded), keys [B] -> ids [B, max_length]: each row generated
-    alone with its own key (so a row's ids do not depend on the others)."""
+    alone with its own key (so a row's ids do not depend on the others), and ended after
+    `max_new_tokens` new tokens (the loop stops when every row has: a batch of short
+    prompts does not run on to `max_length`)."""
 
     def one(prompt, key):  # prompt [P]
         return decoding.generate(
             model, params, prompt[None], key, max_length=max_length,
-            temperature=temperature, top_k=top_k, top_p=top_p,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         )[0]  # fmt: skip
 
     return jax.vmap(one)(prompts, keys)
@@ -125,7 +129,8 @@ class Generator:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             longest = max(len(encoded[i]) for i, _ in chunk)
-            P = min(-(-longest // 8) * 8, limit)  # few shapes: one compilation each
+            # Few shapes, one compilation each (an empty prompt shares the width-8 one).
+            P = min(max(-(-longest // 8) * 8, 8), limit)
             tokens = np.full((batch_size, P), self.model.config.pad_id, np.int32)
             numbers = np.zeros((batch_size, 2), np.int32)  # fixed batch: one compilation
             for row, (i, s) in enumerate(chunk):
@@ -136,7 +141,8 @@ class Generator:
             )
             ids = _sample_rows(
                 self.model, self.params, jnp.asarray(tokens), keys, max_length=P + max_new_tokens,
-                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                top_k=int(top_k), top_p=float(top_p),
             )  # fmt: skip
             ids = np.asarray(ids)
             for row, (i, _) in enumerate(chunk):

@@ -31,8 +31,9 @@ from jax import lax
 from attention_jax.data.tokenizer import EOS_ID, PAD_ID
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
-# prefill_fn(tokens int32 [B, P], cache) -> (logits [B, P, V], new_cache): P positions at once.
-PrefillFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+# prefill_fn(tokens int32 [B, P], cache, last int32 [B]) -> (logits [B, V], new_cache): P
+# positions at once; the logits of row b at its position last[b].
+PrefillFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
 def length_penalty(length, alpha):
@@ -197,6 +198,7 @@ def sample(
     batch_size: int,
     max_length: int,
     prompt=None,
+    max_new_tokens=None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -209,17 +211,18 @@ def sample(
 
     The output starts with each row's prompt. Without `prefill_fn` the prompt is fed one
     token per step (teacher forcing, so the cache fills); with it, one call reads
-    ``[bos, prompt]`` [B, P + 1] at once and each row's first new token comes from its
-    logits at the row's prompt length; then every row goes on one token per step from its
-    own position (the step function gets ``step`` [B]). Both feed the model the same
-    tokens at the same positions and draw with the same keys, so (given a step function
-    and prefill that agree) they return the same ids.
+    ``[bos, prompt]`` [B, P + 1] at once and gives each row's logits at the row's prompt
+    length, from which its first new token comes; then every row goes on one token per
+    step from its own position (the step function gets ``step`` [B]). Both feed the model
+    the same tokens at the same positions and draw with the same keys, so (given a step
+    function and prefill that agree) they return the same ids.
 
     Each new token is drawn from ``softmax(logits / temperature)`` restricted first to the
     ``top_k`` largest logits (ties at the k-th are kept) and then to the smallest set of
     tokens whose probability adds up to ``top_p`` (nucleus sampling; the most likely token
-    is always kept). A row ends at its first sampled EOS (prompt tokens never end it) and
-    holds ``pad_id`` after it; the loop stops early once every row has ended.
+    is always kept). A row ends at its first sampled EOS (prompt tokens never end it), after
+    its `max_new_tokens`, or at T, and holds ``pad_id`` after it; the loop stops once every
+    row has ended (so with prompts of different lengths, short ones do not run on to T).
 
     Args:
       tokens_to_logits: the step function (module docstring); R = B.
@@ -230,14 +233,19 @@ def sample(
       max_length: T.
       prompt: optional int ``[B, P]`` with P < T, right-padded with ``pad_id`` (row b's
         prompt is the tokens before its first pad).
+      max_new_tokens: optional int >= 1, or int ``[B]`` (one per row): row b generates at
+        most this many tokens after its prompt (so it ends at column ``prompt length +
+        max_new_tokens[b]``, or T if sooner). Default: up to T. Checked when concrete;
+        under `jit` clipped to >= 1.
       temperature: >= 0; 0 is argmax (greedy).
       top_k: keep the k largest logits; 0 = off.
       top_p: in ``(0, 1]``; 1 = off.
       eos_id, pad_id, bos_id: as in :func:`beam_search`.
-      prefill_fn: optional ``(tokens int32 [B, P + 1], cache) -> (logits [B, P + 1, V],
-        cache)``: the positions 0..P at once (a row's positions after its prompt hold
-        padding; their logits are not used, and the step function must overwrite what
-        they left in the cache as the row reaches them).
+      prefill_fn: optional ``(tokens int32 [B, P + 1], cache, last int32 [B]) -> (logits
+        [B, V], cache)``: the positions 0..P at once, returning row b's logits at position
+        ``last[b]`` (its prompt length) alone; a row's positions after its prompt hold
+        padding, and the step function must overwrite what they left in the cache as the
+        row reaches them.
     """
     name = "sample"
     B, T = _check_sizes(name, batch_size, max_length)
@@ -267,6 +275,8 @@ def sample(
         jnp.concatenate([prompt != pad_id, jnp.zeros((B, 1), bool)], axis=1), axis=1
     ).astype(jnp.int32)  # [B]
     seqs = seqs.at[:, :P].set(prompt)
+    # Row b's last column + 1: it ends there (at the latest).
+    limit = jnp.minimum(prompt_len + _max_new_tokens(name, max_new_tokens, B), T)  # [B]
     cache = _check_cache(name, init_cache, B)
     per_row = prefill_fn is not None
     if per_row and not callable(prefill_fn):
@@ -291,7 +301,7 @@ def sample(
             drawn = draw(logits, jnp.full((B,), step, jnp.int32))
             token = jnp.where(forced, _column(seqs, step), drawn)  # [B]
             token = jnp.where(done, pad_id, token)
-            done = done | (~forced & (token == eos_id))
+            done = done | (~forced & (token == eos_id)) | (step + 1 >= limit)
             seqs = lax.dynamic_update_index_in_dim(seqs, token, step, axis=1)
             return step + 1, seqs, done, cache
 
@@ -301,15 +311,14 @@ def sample(
 
     # Prefill: positions 0..P at once; row b's first new token is at column prompt_len[b].
     fed = jnp.concatenate([jnp.full((B, 1), bos_id, jnp.int32), prompt], axis=1)  # [B, P+1]
-    logits, cache = prefill_fn(fed, cache)  # [B, P + 1, V]
-    logits = jnp.take_along_axis(logits, prompt_len[:, None, None], axis=1)[:, 0]  # [B, V]
+    logits, cache = prefill_fn(fed, cache, prompt_len)  # [B, V]
 
     def emit(seqs, column, logits, done):
         """Draws row b's token at column[b] (pad once done) and writes it where not done."""
         token = jnp.where(done, pad_id, draw(logits, column))  # [B]
         write = (jnp.arange(T)[None, :] == column[:, None]) & ~done[:, None]  # [B, T]
         seqs = jnp.where(write, token[:, None], seqs)
-        return seqs, token, done | (token == eos_id) | (column + 1 >= T)
+        return seqs, token, done | (token == eos_id) | (column + 1 >= limit)
 
     seqs, token, done = emit(seqs, prompt_len, logits, jnp.zeros((B,), bool))
 
@@ -429,6 +438,25 @@ def _row_lengths(fn, lengths, B, T):
     return jnp.clip(lengths.astype(jnp.int32), 1, T)
 
 
+def _max_new_tokens(fn, max_new_tokens, B):
+    """-> int32 [B]: each row's most new tokens (default: no limit before T)."""
+    if max_new_tokens is None:
+        return jnp.full((B,), np.iinfo(np.int32).max // 2, jnp.int32)
+    value = jnp.asarray(max_new_tokens)
+    if (
+        isinstance(max_new_tokens, bool)
+        or value.shape not in ((), (B,))
+        or not jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"{fn}: expected max_new_tokens to be an int or integer [B] with B = batch_size "
+            f"= {B}, got {max_new_tokens!r}"
+        )
+    if not isinstance(value, jax.core.Tracer) and np.any(np.asarray(value) < 1):
+        raise ValueError(f"{fn}: expected max_new_tokens >= 1, got {np.asarray(value).tolist()}")
+    return jnp.broadcast_to(jnp.maximum(value.astype(jnp.int32), 1), (B,))
+
+
 def _check_cache(fn, cache, B):
     """-> the cache as JAX arrays, once every leaf is checked to lead with B."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
@@ -482,20 +510,26 @@ def _check_same_cache(fn, what, spec, new):
 
 
 def _check_prefill_fn(fn, prefill_fn, cache, shape, V):
-    """Traces the prefill abstractly on tokens `shape` [B, P + 1]; checks ``(logits
-    [B, P + 1, V], cache like the input)``."""
+    """Traces the prefill abstractly on tokens `shape` [B, P + 1] and ``last`` int32 [B];
+    checks ``(logits [B, V], cache like the input)``."""
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cache)
-    out = jax.eval_shape(prefill_fn, jax.ShapeDtypeStruct(shape, jnp.int32), spec)
+    B = shape[0]
+    out = jax.eval_shape(
+        prefill_fn,
+        jax.ShapeDtypeStruct(shape, jnp.int32),
+        spec,
+        jax.ShapeDtypeStruct((B,), jnp.int32),
+    )
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"{fn}: prefill_fn must return (logits, cache), got {out}")
     logits, new = out
     if (
         not hasattr(logits, "shape")
-        or tuple(logits.shape) != (*shape, V)
+        or tuple(logits.shape) != (B, V)
         or not jnp.issubdtype(logits.dtype, jnp.floating)
     ):
         raise ValueError(
-            f"{fn}: expected float logits [B, P + 1, V] = {(*shape, V)} from prefill_fn, "
-            f"got {logits}"
+            f"{fn}: expected float logits [B, V] = {(B, V)} (each row's at its prompt "
+            f"length) from prefill_fn, got {logits}"
         )
     _check_same_cache(fn, "prefill_fn", spec, new)

@@ -20,6 +20,8 @@ ACTIVATIONS = ("relu", "gelu", "silu")
 POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm")
 FEED_FORWARDS = ("mlp", "swiglu")
+# config.remat: what each layer keeps for the backward pass (layers.REMAT_POLICIES).
+REMATS = ("none", "full", "dots", "dots_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,11 @@ class TransformerConfig:
     dtype: Any = jnp.float32  # computation dtype (e.g. jnp.bfloat16)
     param_dtype: Any = jnp.float32  # parameter dtype
     attention_implementation: str | None = None  # see attention_jax.dot_product_attention
+    # Rematerialisation of each layer in the backward pass (memory for compute; the
+    # parameters and the numbers are the same): "none" keeps every activation; "full" keeps
+    # only each layer's input; "dots" also its weight matmuls' outputs; "dots_all" every
+    # matmul's, the attention scores included.
+    remat: str = "none"
 
     def __post_init__(self):
         for names, ok, expected in _FIELD_RULES:
@@ -148,6 +155,7 @@ _FIELD_RULES = (
     (("activation",), lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
     (("norm",), lambda v: v in NORMS, f"one of {NORMS}"),
     (("feed_forward",), lambda v: v in FEED_FORWARDS, f"one of {FEED_FORWARDS}"),
+    (("remat",), lambda v: v in REMATS, f"one of {REMATS}"),
     (("attention_implementation",), lambda v: v in (None, *IMPLEMENTATIONS),
      f"None or one of {IMPLEMENTATIONS}"),
     (("dtype", "param_dtype"), _is_float_dtype,

@@ -20,7 +20,7 @@ from attention_jax.core.attention import (
     project_heads,
 )
 from attention_jax.core.positional import apply_rotary_embedding
-from attention_jax.nn.config import TransformerConfig
+from attention_jax.nn.config import REMATS, TransformerConfig
 
 _xavier = nn.initializers.xavier_uniform
 
@@ -286,13 +286,41 @@ class Residual(nn.Module):
         return norm(x + drop(sublayer(x), deterministic=deterministic))
 
 
+# config.remat -> the policy of jax.checkpoint around each layer: what the forward pass
+# keeps for the backward pass (the rest is recomputed there). 'dots' keeps the outputs of
+# the matmuls with the weights (projections, feed-forward: [B, T, D|F]), not the attention
+# scores and weights [B, N, T, S] (batched matmuls), whose memory grows with T·S.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+}
+assert set(REMAT_POLICIES) == set(REMATS) - {"none"}, "config.REMATS and REMAT_POLICIES differ"
+
+
+def _rematerialised(method, cfg: TransformerConfig, static_argnums: tuple[int, ...]):
+    """`method` (a layer's compact method, called as ``method(module, ...)``) under
+    ``nn.remat`` with the policy of ``cfg.remat`` ('none': `method` itself). The bools
+    (deterministic, decode) are passed positionally and static: jax.checkpoint traces every
+    keyword and positional argument that is not static."""
+    if cfg.remat == "none":
+        return method
+    return nn.remat(method, policy=REMAT_POLICIES[cfg.remat], static_argnums=static_argnums)
+
+
 class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each in a residual block."""
+    """Self-attention then feed-forward, each in a residual block; under ``nn.remat`` when
+    ``config.remat`` is not 'none' (the parameters are the same either way)."""
 
     config: TransformerConfig
 
-    @nn.compact
     def __call__(self, x, mask, *, deterministic: bool, positions=None):
+        """x [B, S, D], mask broadcastable to [B, N, S, S] -> [B, S, D]."""
+        layer = _rematerialised(EncoderLayer._layer, self.config, static_argnums=(4,))
+        return layer(self, x, mask, positions, deterministic)
+
+    @nn.compact
+    def _layer(self, x, mask, positions, deterministic: bool):
         cfg = self.config
         attn = MultiHeadAttention(cfg, name="self_attention")
         x = Residual(cfg, name="attention_block")(
@@ -307,12 +335,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Causal self-attention, cross-attention to the encoder (if `cross`), feed-forward."""
+    """Causal self-attention, cross-attention to the encoder (if `cross`), feed-forward;
+    under ``nn.remat`` when ``config.remat`` is not 'none', except in a KV-cached decode
+    (no backward pass to save memory for)."""
 
     config: TransformerConfig
     cross: bool = True
 
-    @nn.compact
     def __call__(
         self,
         y,
@@ -325,8 +354,22 @@ class DecoderLayer(nn.Module):
         decode: bool = False,
         cache_positions=None,
     ):
-        """`positions`: rotary positions (or None); `cache_positions` [B, T]: the positions
-        of a KV-cached decode block (see MultiHeadAttention)."""
+        """y [B, T, D], encoded [B, S, D] (or None) -> [B, T, D]. `positions`: rotary
+        positions (or None); `cache_positions` [B, T]: the positions of a KV-cached decode
+        block (see MultiHeadAttention)."""
+        layer = DecoderLayer._layer
+        if not decode:
+            layer = _rematerialised(layer, self.config, static_argnums=(7, 8))
+        return layer(
+            self, y, encoded, self_mask, cross_mask, positions, cache_positions, deterministic,
+            decode,
+        )  # fmt: skip
+
+    @nn.compact
+    def _layer(
+        self, y, encoded, self_mask, cross_mask, positions, cache_positions,
+        deterministic: bool, decode: bool,
+    ):  # fmt: skip
         cfg = self.config
         attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
         y = Residual(cfg, name="attention_block")(

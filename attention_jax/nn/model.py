@@ -79,6 +79,34 @@ def check_tokens(name: str, tokens, cfg: TransformerConfig, vocab_size: int | No
     return tokens
 
 
+def check_logit_positions(logit_positions, tokens):
+    """Boundary check of ``logit_positions``: integer ``[B, K]`` (K >= 1) for tokens
+    ``[B, T]``, values in ``[0, T)`` when concrete (under ``jit`` they are not checked; one
+    out of range reads the nearest end). None passes through (logits at every position)."""
+    if logit_positions is None:
+        return None
+    logit_positions = jnp.asarray(logit_positions)
+    B, T = tokens.shape
+    if (
+        logit_positions.ndim != 2
+        or logit_positions.shape[0] != B
+        or logit_positions.shape[1] < 1
+        or not jnp.issubdtype(logit_positions.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"logit_positions must be integer [B={B}, K] with K >= 1 for tokens {tokens.shape}, "
+            f"got shape {logit_positions.shape} and dtype {logit_positions.dtype}"
+        )
+    if not isinstance(logit_positions, jax.core.Tracer):
+        at = np.asarray(logit_positions)
+        if at.min() < 0 or at.max() >= T:
+            raise ValueError(
+                f"logit_positions must be in [0, T={T}) (the tokens' length), got min "
+                f"{at.min()}, max {at.max()}"
+            )
+    return logit_positions
+
+
 def _valid(tokens, cfg, positions, segmentation=None):
     """Which positions hold a real token [B, T] (the start slot at position 0 always does;
     in a packed row, each example's position 0 is a start slot, padding is segment 0)."""
@@ -156,7 +184,11 @@ class Decoder(nn.Module):
     """Decoder stack with causal self-attention and (if ``cross``) cross-attention; returns
     logits over the target vocabulary: ``y · Eᵀ`` with the embedding's matrix E when
     ``config.tied_output`` (section 3.4), else a separate ``logits`` layer ``y · W + b``
-    (W [D, V])."""
+    (W [D, V]). ``logit_positions`` [B, K] (see `check_logit_positions`) computes them only
+    at those positions of each row: ``[B, K, V]``, for a prefill that samples from each
+    row's last prompt position and would otherwise project all T positions onto V.
+    ``return_hidden`` returns the states before that projection (after the final norm),
+    for a loss that projects them chunk by chunk (`output_projection`)."""
 
     config: TransformerConfig
     embedder: Embedder
@@ -174,6 +206,8 @@ class Decoder(nn.Module):
         segmentation=None,
         source_segmentation=None,
         decode: bool = False,
+        logit_positions=None,
+        return_hidden: bool = False,
     ):
         cfg = self.config
         valid = _valid(decoder_inputs, cfg, positions, segmentation)  # [B, T]
@@ -205,20 +239,66 @@ class Decoder(nn.Module):
                 decode=decode,
                 cache_positions=positions if decode else None,
             )
+        if logit_positions is not None:  # y [B, T, D] -> [B, K, D]
+            y = jnp.take_along_axis(y, logit_positions[:, :, None], axis=1, mode="clip")
         if cfg.pre_ln:
             y = normalization(cfg, "final_norm")(y)
+        if return_hidden:
+            return y  # [B, T, D] (or [B, K, D]): `output_projection` turns it into logits
         if cfg.tied_output:
-            return self.embedder.attend(y)  # [B, T, V]
-        return nn.Dense(
-            cfg.output_vocab_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.xavier_uniform(), ("embed", "vocab")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-            name="logits",
-        )(y)  # [B, T, V]
+            return self.embedder.attend(y)  # [B, T, V] (or [B, K, V])
+        return _logits_layer(cfg, name="logits")(y)  # [B, T, V] (or [B, K, V])
+
+
+def _logits_layer(cfg: TransformerConfig, name: str | None = None) -> nn.Dense:
+    """The untied pre-softmax layer ``y · W + b`` (W [D, V]), defined once for the model
+    and `output_projection`."""
+    return nn.Dense(
+        cfg.output_vocab_size,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), ("embed", "vocab")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+        name=name,
+    )
+
+
+def output_projection(config: TransformerConfig, params):
+    """The model's own output layer as a pure function of its parameters:
+    ``project(hidden [..., D]) -> logits [..., V]``, where ``hidden`` is what the model
+    returns with ``return_hidden=True`` (the decoder's last states, after the final norm).
+    ``project(model.apply(v, ..., return_hidden=True)) == model.apply(v, ...)``, exactly:
+    it runs the same Flax code (`Embedder.attend` when ``config.tied_output``, with the
+    target embedding of a `Transformer` that has one; else the decoder's ``logits`` Dense)
+    on the same parameters. `params` is the model's ``params`` collection (a `Transformer`'s
+    or a `TransformerLM`'s); a loss can call `project` on one chunk of tokens at a time so
+    the [B, T, V] logits never exist at once."""
+    if "decoder" not in params or "embedding" not in params:
+        raise ValueError(
+            "output_projection needs a Transformer's or TransformerLM's params (keys "
+            f"'embedding' and 'decoder'), got keys {sorted(params)}"
+        )
+    if config.tied_output:
+        name = "target_embedding" if "target_embedding" in params else "embedding"
+        table = {"params": dict(params[name])}
+        embedder = Embedder(config, config.output_vocab_size)
+
+        def attend(hidden):  # attend reads [B, T, D]: hidden [..., D] -> [1, N, D] and back
+            flat = hidden.reshape(1, -1, hidden.shape[-1])  # [1, N, D]
+            logits = embedder.apply(table, flat, method=Embedder.attend)  # [1, N, V]
+            return logits.reshape(*hidden.shape[:-1], logits.shape[-1])  # [..., V]
+
+        return attend
+    if "logits" not in params["decoder"]:
+        raise ValueError(
+            "config.tied_output is False but params['decoder'] has no 'logits' layer: "
+            "params and config disagree"
+        )
+    dense = {"params": dict(params["decoder"]["logits"])}
+    layer = _logits_layer(config)
+    return lambda hidden: layer.apply(dense, hidden)
 
 
 class Transformer(nn.Module):
@@ -257,9 +337,16 @@ class Transformer(nn.Module):
         segmentation=None,
         source_segmentation=None,
         decode: bool = False,
+        logit_positions=None,
+        return_hidden: bool = False,
     ):
         """encoded [B, S, D], inputs [B, S] (for the source padding), decoder_inputs [B, T]
-        (already shifted) -> logits [B, T, V].
+        (already shifted) -> logits [B, T, V]; with ``logit_positions`` int [B, K] (indices
+        into T) only the logits there, [B, K, V] (the hidden states are gathered before the
+        output projection). ``return_hidden=True``: the decoder's last hidden states
+        [B, T, D] (or [B, K, D]) after the final norm instead of logits; `output_projection`
+        maps them to the same logits (do not ``init`` with it: the output layer would not
+        be created).
 
         ``decode=True`` uses the KV cache (see layers.MultiHeadAttention): the first call,
         with ``decoder_inputs`` of the longest decode and the real `encoded`, creates it
@@ -286,6 +373,7 @@ class Transformer(nn.Module):
         _check_packing("decoder_inputs", decoder_inputs, positions, segmentation)
         if (segmentation is None) != (source_segmentation is None):
             raise ValueError("give both segmentation and source_segmentation, or neither")
+        logit_positions = check_logit_positions(logit_positions, decoder_inputs)
         return self.decoder(
             decoder_inputs,
             encoded,
@@ -295,6 +383,8 @@ class Transformer(nn.Module):
             segmentation=segmentation,
             source_segmentation=source_segmentation,
             decode=decode,
+            logit_positions=logit_positions,
+            return_hidden=return_hidden,
         )
 
     def __call__(
@@ -307,9 +397,11 @@ class Transformer(nn.Module):
         targets_positions=None,
         inputs_segmentation=None,
         targets_segmentation=None,
+        return_hidden: bool = False,
     ):
         """inputs [B, S], targets [B, T] -> logits [B, T, V] predicting targets. For packed
-        rows, pass the four position / segmentation arrays ([B, S] and [B, T])."""
+        rows, pass the four position / segmentation arrays ([B, S] and [B, T]).
+        ``return_hidden=True``: the hidden states [B, T, D] instead (see `decode`)."""
         cfg = self.config
         targets = check_tokens("targets", targets, cfg, cfg.output_vocab_size)
         inputs = check_tokens("inputs", inputs, cfg)
@@ -328,6 +420,7 @@ class Transformer(nn.Module):
             positions=targets_positions,
             segmentation=targets_segmentation,
             source_segmentation=inputs_segmentation,
+            return_hidden=return_hidden,
         )
 
 
@@ -345,9 +438,20 @@ class TransformerLM(nn.Module):
         self.decoder = Decoder(self.config, self.embedder, cross=False)
 
     def __call__(
-        self, tokens, *, train: bool = False, positions=None, segmentation=None, decode=False
+        self,
+        tokens,
+        *,
+        train: bool = False,
+        positions=None,
+        segmentation=None,
+        decode=False,
+        logit_positions=None,
+        return_hidden: bool = False,
     ):
-        """tokens [B, T] -> logits [B, T, V]; ``decode=True``: the KV cache, as in
+        """tokens [B, T] -> logits [B, T, V]; ``logit_positions`` int [B, K] (indices into
+        T): only the logits there, [B, K, V] (a prefill needs each row's last prompt
+        position alone); ``return_hidden=True``: the hidden states [B, T, D] (or [B, K, D])
+        instead of logits, as in `Transformer.decode`; ``decode=True``: the KV cache, as in
         `Transformer.decode`: create it with tokens of the longest decode
         (``mutable=['cache']``), then pass blocks of positions ``[B, P]`` with their
         ``positions [B, P]``: a prompt at once (prefill), then one token per call. Each row
@@ -358,6 +462,8 @@ class TransformerLM(nn.Module):
         would mask it); generation never produces one."""
         tokens = check_tokens("tokens", tokens, self.config)
         _check_packing("tokens", tokens, positions, segmentation)
+        logit_positions = check_logit_positions(logit_positions, tokens)
         return self.decoder(
-            tokens, train=train, positions=positions, segmentation=segmentation, decode=decode
-        )
+            tokens, train=train, positions=positions, segmentation=segmentation, decode=decode,
+            logit_positions=logit_positions, return_hidden=return_hidden,
+        )  # fmt: skip

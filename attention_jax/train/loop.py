@@ -13,6 +13,7 @@ unfinished and damaged checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -30,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from attention_jax.data import pipeline, tasks
@@ -46,6 +48,7 @@ from attention_jax.workdir import (
     WorkdirLock,
     checkpoints_dir,
     metrics_path,
+    profile_dir,
     save_config,
     stale_temporaries,
     vocab_path,
@@ -321,9 +324,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_workdir(workdir)
     lock = _lock_workdir(workdir)
     try:
-        return _train_locked(config, workdir)
+        with compilation_cache_in(config.get("compilation_cache_dir", "")):
+            return _train_locked(config, workdir)
     finally:
         lock.release()
+
+
+# The settings `compilation_cache_in` makes: the folder, and every compiled program written
+# (JAX's defaults skip those compiled in under 1 s: a small model's every step).
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+
+
+@contextlib.contextmanager
+def compilation_cache_in(directory: str | None):
+    """JAX's persistent compilation cache in `directory` (``config.compilation_cache_dir``)
+    while the context is open: each program compiled is written there, and one compiled
+    before, by this or an earlier process (a resumed or repeated run), is read back instead
+    of compiled. The key hashes the program, the devices, the compile options and the JAX
+    version, so a stale entry is never read. On exit the previous settings are back (a
+    notebook's later work is not cached there). ``''`` / None: nothing changes.
+
+    The cache is trusted: whoever can write to the folder can make this process run code."""
+    if not directory:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    previous = [getattr(jax.config, name) for name in _CACHE_SETTINGS]
+    _set_cache((os.path.abspath(directory), 0.0, -1))  # -1: entries of any size
+    try:
+        yield
+    finally:
+        _set_cache(previous)
+
+
+def _set_cache(values) -> None:
+    for name, value in zip(_CACHE_SETTINGS, values, strict=True):
+        jax.config.update(name, value)
+    # JAX opens the cache once, at the first compilation that uses it: make it open again
+    # with these settings (a no-op if it was never opened).
+    compilation_cache.reset_cache()
+
+
+class _Profile:
+    """``config.profile_steps = (start, stop)``: a ``jax.profiler`` trace of the train steps
+    ``start <= state.step < stop`` (0-based: ``(0, 1)`` is the first step, compilation
+    included) in ``<workdir>/profile/plugins/profile/<time>/*.xplane.pb``, each step (batch
+    preparation included) under a ``StepTraceAnnotation``. TensorBoard's profile plugin
+    (``tensorboard --logdir <workdir>/profile``) or xprof read it. Only process 0 traces;
+    empty or None: no trace."""
+
+    def __init__(self, steps, workdir: str, say: Callable[[str], None] = print):
+        self.start, self.stop = tuple(steps) if steps else (0, 0)
+        self.say = say
+        self.directory = profile_dir(workdir)
+        self.enabled = self.start < self.stop and jax.process_index() == 0
+        self.active = False
+
+    def step(self, step: int):
+        """The context of train step `step` (its trace starts with the first step traced)."""
+        if self.enabled and not self.active and self.start <= step < self.stop:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+        if not self.active:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def after(self, done: int, outputs) -> None:
+        """After the step that leaves `done` steps taken: at `stop`, waits for `outputs` (the
+        step's work) and writes the trace."""
+        if self.active and done >= self.stop:
+            jax.block_until_ready(outputs)
+            self.close()
+            self.say(f"profile of steps [{self.start}, {self.stop}): {self.directory}")
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,9 +551,12 @@ def _compile_steps(run: _Run, shardings) -> _Steps:
     train = training.jit_train_step(
         model, run.optimizer, shardings, run.mesh,
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-        nonfinite=nonfinite_policy(config),
+        nonfinite=nonfinite_policy(config), loss_chunk=config.get("loss_chunk", 0),
     )  # fmt: skip
-    eval_step = training.jit_eval_step(model, shardings.params, run.mesh)
+    eval_options = dict(loss_chunk=config.get("loss_chunk", 0))
+    if not isinstance(model, TransformerLM):  # an LM is scored without label smoothing
+        eval_options["label_smoothing"] = config.label_smoothing
+    eval_step = training.jit_eval_step(model, shardings.params, run.mesh, **eval_options)
     if isinstance(model, TransformerLM):  # scored, not decoded
         return _Steps(train=train, eval=eval_step, decode=None, final_decode=None)
     max_decode = min(config.data.get("max_length", 0) + 50, run.cfg.max_len)
@@ -544,46 +625,52 @@ def _train_steps(session: _Session, state, start: int, stop: _StopSignals):
     # The host reads metrics only at logging steps.
     throughput = _Throughput(run.cfg, peak, mesh.size, start)
     stop_on_nonfinite = nonfinite_policy(config) == "stop"
+    profile = _Profile(config.get("profile_steps", None), run.workdir, progress.print)
     stop.install()
-    for step in range(start, total):
-        batch = task.next_batch(step)
-        state, metrics = steps.train(state, sharding.shard_batch(batch, mesh))
-        throughput.add(batch)
-        done = step + 1
-        last = done == total
-        if done % config.log_every == 0 or last:
-            m = jax.device_get(metrics)
-            rates, steps_per_s = throughput.record(done)
-            record = {
-                "train_loss": float(m["loss"]),
-                "train_accuracy": float(m["accuracy"]),
-                **_train_lm_scores(m, config),
-                **rates,
-            }
-            if int(m["nonfinite_steps"]):  # updates withheld so far (config.nonfinite)
-                record["nonfinite_steps"] = int(m["nonfinite_steps"])
-            log.write(done, record)
-            progress.update(done, record, eta_s=(total - done) / steps_per_s)
-            throughput.restart(done)
-        if validate and (done % config.eval_every == 0 or last):
-            eval_start = time.perf_counter()
-            ev = last_validation = evaluate(
-                steps.eval, steps.decode, state.params, task, mesh, split=session.eval_split
-            )
-            log.write(done, {f"eval_{k}": v for k, v in ev.items()})
-            progress.print(f"step {done}: {session.eval_split} {_fmt(ev)}")
-            throughput.exclude(time.perf_counter() - eval_start)  # not training time
-        if stop_on_nonfinite and (
-            done % config.log_every == 0 or done % config.checkpoint_every == 0 or last
-        ):  # at steps whose metrics are read anyway, and before any save
-            _stop_if_nonfinite(metrics, ckpt, also_close=(progress, log))
-        ckpt.save(done, state, session.meta, force=last, data_iterator=task_iterator(task))
-        preempted = jax.process_count() > 1 and ckpt.reached_preemption(done)
-        if stop.received is not None or preempted:
-            signum = stop.received or signal.SIGTERM
-            _save_and_stop(
-                signum, done, state, session.meta, task, ckpt, also_close=(progress, log)
-            )
+    try:
+        for step in range(start, total):
+            with profile.step(step):
+                batch = task.next_batch(step)
+                state, metrics = steps.train(state, sharding.shard_batch(batch, mesh))
+            profile.after(step + 1, (state, metrics))
+            throughput.add(batch)
+            done = step + 1
+            last = done == total
+            if done % config.log_every == 0 or last:
+                m = jax.device_get(metrics)
+                rates, steps_per_s = throughput.record(done)
+                record = {
+                    "train_loss": float(m["loss"]),
+                    "train_accuracy": float(m["accuracy"]),
+                    **_train_lm_scores(m, config),
+                    **rates,
+                }
+                if int(m["nonfinite_steps"]):  # updates withheld so far (config.nonfinite)
+                    record["nonfinite_steps"] = int(m["nonfinite_steps"])
+                log.write(done, record)
+                progress.update(done, record, eta_s=(total - done) / steps_per_s)
+                throughput.restart(done)
+            if validate and (done % config.eval_every == 0 or last):
+                eval_start = time.perf_counter()
+                ev = last_validation = evaluate(
+                    steps.eval, steps.decode, state.params, task, mesh, split=session.eval_split
+                )
+                log.write(done, {f"eval_{k}": v for k, v in ev.items()})
+                progress.print(f"step {done}: {session.eval_split} {_fmt(ev)}")
+                throughput.exclude(time.perf_counter() - eval_start)  # not training time
+            if stop_on_nonfinite and (
+                done % config.log_every == 0 or done % config.checkpoint_every == 0 or last
+            ):  # at steps whose metrics are read anyway, and before any save
+                _stop_if_nonfinite(metrics, ckpt, also_close=(progress, log))
+            ckpt.save(done, state, session.meta, force=last, data_iterator=task_iterator(task))
+            preempted = jax.process_count() > 1 and ckpt.reached_preemption(done)
+            if stop.received is not None or preempted:
+                signum = stop.received or signal.SIGTERM
+                _save_and_stop(
+                    signum, done, state, session.meta, task, ckpt, also_close=(progress, log)
+                )
+    finally:
+        profile.close()  # a run ended or stopped inside the traced steps
     return state, last_validation
 
 

@@ -47,9 +47,7 @@ class MetricsWriter:
             with open(tmp, "w") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
-        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-
-        self._tb = SummaryWriter(
+        self._tb = _summary_writer_class()(
             tensorboard_dir(workdir), purge_step=resume_step or None, flush_secs=30
         )
 
@@ -65,6 +63,24 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported here (only process 0 writes) and without
+    torch: tensorboardX imports torch, when it is installed, only to accept torch tensors
+    (``writer.numpy_compatible``), and that import alone takes ~9 s on a 2-core CPU. Scalars
+    never need it, so while tensorboardX loads, ``import torch`` fails and tensorboardX
+    takes its no-torch path. A program that already imported torch keeps it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def to_json_line(record: dict) -> str:

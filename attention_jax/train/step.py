@@ -19,9 +19,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from attention_jax.nn.model import TransformerLM, shift_right_packed
+from attention_jax.nn.model import TransformerLM, output_projection, shift_right_packed
 from attention_jax.nn.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
-from attention_jax.train.losses import smoothed_cross_entropy_sums
+from attention_jax.train.losses import (
+    chunked_smoothed_cross_entropy_terms,
+    masked_sums,
+    smoothed_cross_entropy_sums,
+)
 from attention_jax.workdir.experiment import NONFINITE_POLICIES
 
 
@@ -71,23 +75,52 @@ PACKING_KEYS = ("inputs_positions", "targets_positions", "inputs_segmentation",
                 "targets_segmentation")  # fmt: skip
 
 
-def _logits(model, params, batch, *, train: bool, rng=None):
+def _logits(model, params, batch, *, train: bool, rng=None, return_hidden: bool = False):
     """Logits of a batch: ``inputs``/``targets`` [B, S]/[B, T], plus the PACKING_KEYS when
-    several examples share a row."""
+    several examples share a row. ``return_hidden``: the decoder's last hidden states
+    [B, T, D] instead (`output_projection` maps them to the logits)."""
     rngs = None if rng is None else {"dropout": rng}
     variables = {"params": params}
     packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
+    hidden = {"return_hidden": True} if return_hidden else {}
     if isinstance(model, TransformerLM):
         positions = packing.get("targets_positions")
         tokens = shift_right_packed(batch["targets"], positions, model.config.pad_id)
         return model.apply(variables, tokens, train=train, rngs=rngs, positions=positions,
-                           segmentation=packing.get("targets_segmentation"))  # fmt: skip
+                           segmentation=packing.get("targets_segmentation"), **hidden)  # fmt: skip
     return model.apply(
-        variables, batch["inputs"], batch["targets"], train=train, rngs=rngs, **packing
+        variables, batch["inputs"], batch["targets"], train=train, rngs=rngs, **packing, **hidden
     )
 
 
-def _sums(model, params, batch, *, train, rng, label_smoothing):  # (loss, tokens, correct)
+def check_loss_chunk(loss_chunk) -> int:
+    """``loss_chunk``: 0 (the loss over the whole [B, T, V] logits) or the tokens per chunk
+    of the chunked loss (`losses.chunked_smoothed_cross_entropy_terms`)."""
+    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+        raise ValueError(
+            f"loss_chunk must be an int >= 0 (0: off; else tokens per chunk), got {loss_chunk!r}"
+        )
+    return loss_chunk
+
+
+def _token_terms(model, params, batch, *, train, rng, label_smoothing, loss_chunk):
+    """``(loss [B, T], correct [B, T])`` per target token (padding included), the logits
+    projected `loss_chunk` tokens at a time (never all at once)."""
+    hidden = _logits(model, params, batch, train=train, rng=rng, return_hidden=True)
+    return chunked_smoothed_cross_entropy_terms(
+        hidden, output_projection(model.config, params), batch["targets"], chunk=loss_chunk,
+        label_smoothing=label_smoothing, pad_id=model.config.pad_id,
+    )  # fmt: skip
+
+
+def _sums(model, params, batch, *, train, rng, label_smoothing, loss_chunk=0):
+    """(loss, tokens, correct) sums; ``loss_chunk > 0``: the chunked loss, same sums."""
+    if loss_chunk:
+        per_token, correct = _token_terms(
+            model, params, batch, train=train, rng=rng, label_smoothing=label_smoothing,
+            loss_chunk=loss_chunk,
+        )  # fmt: skip
+        return masked_sums(per_token, correct, batch["targets"], pad_id=model.config.pad_id)
     logits = _logits(model, params, batch, train=train, rng=rng)
     return smoothed_cross_entropy_sums(
         logits, batch["targets"], label_smoothing=label_smoothing, pad_id=model.config.pad_id
@@ -103,6 +136,7 @@ def train_step(
     label_smoothing: float = 0.1,
     accum_steps: int = 1,
     nonfinite: str = "stop",
+    loss_chunk: int = 0,
 ) -> tuple[TrainState, dict]:
     """One optimizer update from `batch`, as a pure function.
 
@@ -117,16 +151,22 @@ def train_step(
     host, reading the metrics it fetches anyway, stops the run; with ``'skip'`` training
     goes on without the bad updates.
 
+    ``loss_chunk > 0`` computes the loss `loss_chunk` tokens at a time with the logits
+    recomputed in the backward pass, so the [B, T, V] float32 logits are never alive at
+    once (`losses.chunked_smoothed_cross_entropy_sums`); same loss and gradients.
+
     Returns the new state and metrics ``{loss, accuracy, tokens, grad_norm,
     nonfinite_steps, first_nonfinite_step}`` (loss = mean over non-padding target tokens),
     and ``bytes`` (the sum of ``targets_bytes`` over them) when the batch has that key.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    loss_chunk = check_loss_chunk(loss_chunk)
     rng = jax.random.fold_in(state.rng, state.step)
     grads, (loss, tokens, correct) = _gradient_sums(
-        model, state.params, batch, rng, label_smoothing=label_smoothing, accum_steps=accum_steps
-    )
+        model, state.params, batch, rng, label_smoothing=label_smoothing,
+        accum_steps=accum_steps, loss_chunk=loss_chunk,
+    )  # fmt: skip
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)  # d(mean loss)/d(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -155,7 +195,7 @@ def _byte_sum(batch: dict, pad_id: int):
     return jnp.sum(jnp.where(real, batch["targets_bytes"], 0).astype(jnp.float32))
 
 
-def _gradient_sums(model, params, batch, rng, *, label_smoothing, accum_steps):
+def _gradient_sums(model, params, batch, rng, *, label_smoothing, accum_steps, loss_chunk=0):
     """``(grads, (loss, tokens, correct))``: gradient and loss *sums* over the batch's
     non-padding target tokens. With ``accum_steps = k`` the batch is split into k
     microbatches (microbatch i uses the dropout key ``fold_in(rng, i)``) whose sums are
@@ -163,8 +203,9 @@ def _gradient_sums(model, params, batch, rng, *, label_smoothing, accum_steps):
 
     def loss_sums(params, mb, key):
         loss, tokens, correct = _sums(
-            model, params, mb, train=True, rng=key, label_smoothing=label_smoothing
-        )
+            model, params, mb, train=True, rng=key, label_smoothing=label_smoothing,
+            loss_chunk=loss_chunk,
+        )  # fmt: skip
         return loss, (tokens, correct)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -210,17 +251,28 @@ def _guard_nonfinite(state: TrainState, params, opt_state, *, finite, nonfinite:
     )
 
 
-def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float = 0.1) -> dict:
+def eval_step(
+    params, batch: dict, *, model: nn.Module, label_smoothing: float = 0.1, loss_chunk: int = 0
+) -> dict:
     """Sums over a batch, deterministic (add them across batches): ``loss_sum``, ``tokens``,
     ``correct`` tokens, ``sequences`` and ``exact`` — sequences whose every target token is
-    the argmax given the true prefix (for greedy decoding that is the same as exact match)."""
-    logits = _logits(model, params, batch, train=False)
+    the argmax given the true prefix (for greedy decoding that is the same as exact match).
+    ``loss_chunk > 0``: the logits `loss_chunk` tokens at a time (see `train_step`)."""
     targets = batch["targets"]
-    loss, tokens, correct = smoothed_cross_entropy_sums(
-        logits, targets, label_smoothing=label_smoothing, pad_id=model.config.pad_id
-    )
     pad = model.config.pad_id
-    right = (jnp.argmax(logits, -1) == targets) | (targets == pad)  # [B, T]
+    if check_loss_chunk(loss_chunk):
+        per_token, hit = _token_terms(
+            model, params, batch, train=False, rng=None, label_smoothing=label_smoothing,
+            loss_chunk=loss_chunk,
+        )  # fmt: skip
+        loss, tokens, correct = masked_sums(per_token, hit, targets, pad_id=pad)
+    else:
+        logits = _logits(model, params, batch, train=False)
+        loss, tokens, correct = smoothed_cross_entropy_sums(
+            logits, targets, label_smoothing=label_smoothing, pad_id=pad
+        )
+        hit = jnp.argmax(logits, -1) == targets
+    right = hit | (targets == pad)  # [B, T]
     real = jnp.any(targets != pad, axis=-1)  # [B]: all-pad rows fill the last eval batch
     return {
         "loss_sum": loss,
@@ -231,22 +283,31 @@ def eval_step(params, batch: dict, *, model: nn.Module, label_smoothing: float =
     }
 
 
-def lm_eval_step(params, batch: dict, *, model: nn.Module) -> dict:
+def lm_eval_step(params, batch: dict, *, model: nn.Module, loss_chunk: int = 0) -> dict:
     """Sums over a language-model batch, deterministic (add them across batches): ``nll``
     (the negative log-likelihood in nats, no label smoothing), ``tokens`` and ``bytes``
     (``targets_bytes``) over the tokens with ``targets_segmentation > 0`` (all non-padding
     tokens; without that key, ``targets != pad_id``), and ``correct`` argmax predictions.
-    `pipeline.language_model_scores` turns them into loss, perplexity and bits per byte."""
-    logits = _logits(model, params, batch, train=False)
+    `pipeline.language_model_scores` turns them into loss, perplexity and bits per byte.
+    ``loss_chunk > 0``: the logits `loss_chunk` tokens at a time (see `train_step`)."""
     targets = batch["targets"]
     if "targets_segmentation" in batch:
         real = batch["targets_segmentation"] > 0
     else:
         real = targets != model.config.pad_id
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    on_target = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
     weights = real.astype(jnp.float32)
-    right = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    if check_loss_chunk(loss_chunk):  # with no smoothing the per-token loss is -log p(target)
+        nll, right = _token_terms(
+            model, params, batch, train=False, rng=None, label_smoothing=0.0,
+            loss_chunk=loss_chunk,
+        )  # fmt: skip
+        on_target = -nll
+    else:
+        logits = _logits(model, params, batch, train=False)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        on_target = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+        right = jnp.argmax(logits, axis=-1) == targets
+    right = right.astype(jnp.float32)
     return {
         "nll": -jnp.sum(on_target * weights),
         "tokens": jnp.sum(weights),

@@ -40,6 +40,7 @@ CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 LOCK_FILE = "train.lock"
+PROFILE_DIR = "profile"  # config.profile_steps' jax.profiler trace
 
 try:
     import fcntl
@@ -69,6 +70,10 @@ def metrics_path(workdir: str) -> str:
 
 def tensorboard_dir(workdir: str) -> str:
     return os.path.join(workdir, TENSORBOARD)
+
+
+def profile_dir(workdir: str) -> str:
+    return os.path.join(workdir, PROFILE_DIR)
 
 
 def lock_path(workdir: str) -> str:

@@ -138,6 +138,8 @@ _RUN_RULES = (
     )),
     ("batch_size", 0, lambda v: is_int(v) and v >= 0, "an int >= 0 (0: from data)"),
     ("label_smoothing", 0.0, lambda v: is_real(v) and 0 <= v < 1, "in [0, 1)"),
+    ("loss_chunk", 0, lambda v: is_int(v) and v >= 0,
+     "an int >= 0 (0: off; else tokens per chunk of the loss)"),
     ("lr_factor", 1.0, lambda v: is_real(v) and 0 < v < float("inf"), "a number > 0"),
     ("clip_norm", 0.0, lambda v: is_real(v) and 0 <= v < float("inf"),
      "a number >= 0 (0: no clipping)"),
@@ -152,7 +154,23 @@ _RUN_RULES = (
       for name in ("tokens_per_batch", "eval_batch_size", "max_length")),
     ("data.eval_examples", _OPTIONAL, lambda v: is_int(v) and v >= 0, "an int >= 0 (0: all)"),
     ("data.eval_split", _OPTIONAL, lambda v: v in EVAL_SPLITS, f"one of {EVAL_SPLITS}"),
+    ("profile_steps", _OPTIONAL, lambda v: _step_window(v),
+     "() or None (no profile), or (start, stop) with 0 <= start < stop"),
+    ("compilation_cache_dir", _OPTIONAL, lambda v: v is None or isinstance(v, str),
+     "a folder (a string; '' = no cache)"),
 )  # fmt: skip
+
+
+def _step_window(value) -> bool:
+    """``config.profile_steps``: None or () (off), or two ints 0 <= start < stop."""
+    if value is None or (isinstance(value, (tuple, list)) and len(value) == 0):
+        return True
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(is_int(v) for v in value)
+        and 0 <= value[0] < value[1]
+    )
 
 
 def check_experiment(config: ml_collections.ConfigDict, *, devices: bool = True) -> None:
