@@ -190,16 +190,12 @@ def _evaluate_translation() -> None:
 
 def _evaluate_lm() -> None:
     """Loss, perplexity and bits per byte of a language model on a split or on --text."""
-    import jax
     import ml_collections
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from attention_jax.data import pipeline, sources, tasks
+    from attention_jax.data import sources, tasks
     from attention_jax.decode.translator import load_model_config, load_params
-    from attention_jax.nn import sharding
     from attention_jax.nn.model import TransformerLM
     from attention_jax.train import loop
-    from attention_jax.train import step as training
     from attention_jax.workdir.experiment import eval_split
 
     if FLAGS.paragraphs and FLAGS.text is None:
@@ -238,17 +234,10 @@ def _evaluate_lm() -> None:
     params, steps = load_params(
         FLAGS.workdir, config, tokenizer, model, average_last=FLAGS.average_last, log=PROG.log
     )
-    # One device, as translate and generate use: the params whole on it.
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    eval_fn = training.jit_eval_step(
-        model, NamedSharding(mesh, PartitionSpec()), mesh, loss_chunk=config.get("loss_chunk", 0)
-    )
-    data = tasks.lm_eval_data(config, tokenizer, texts, data_parallel=1)
-    sums = loop.lm_sums(eval_fn, params, data.batches, mesh)
-    scores = pipeline.language_model_scores(sums["nll"], sums["tokens"], sums["bytes"])
+    scores = loop.score_lm_texts(config, model, params, tokenizer, texts)
     print(
-        f"examples: {len(texts)}  tokens: {round(sums['tokens'])}  bytes: {round(sums['bytes'])}  "
-        f"checkpoints: {steps}  {where}"
+        f"examples: {len(texts)}  tokens: {round(scores['tokens'])}  "
+        f"bytes: {round(scores['bytes'])}  checkpoints: {steps}  {where}"
     )
     print(f"loss {scores['loss']:.6f}  (nats per token)")
     print(f"perplexity {scores['perplexity']:.6f}  (exp(loss))")

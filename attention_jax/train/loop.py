@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attention_jax.data import pipeline, tasks
 from attention_jax.decode import decoding, metrics
@@ -313,6 +313,19 @@ def evaluate_lm(eval_fn, params, task, mesh, split: str = "validation") -> dict:
     scores = pipeline.language_model_scores(totals["nll"], totals["tokens"], totals["bytes"])
     scores["accuracy"] = totals["correct"] / max(totals["tokens"], 1.0)
     return scores
+
+
+def score_lm_texts(config: ml_collections.ConfigDict, model, params, tokenizer, texts) -> dict:
+    """An LM's ``{nll, tokens, bytes, correct}`` sums and ``{loss, perplexity,
+    bits_per_byte}`` on `texts` (``[{"text": ...}]``), on one device (the params whole on
+    it, as translate and generate use them), every token once, as training evaluates."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    eval_fn = training.jit_eval_step(
+        model, NamedSharding(mesh, PartitionSpec()), mesh, loss_chunk=config.get("loss_chunk", 0)
+    )
+    data = tasks.lm_eval_data(config, tokenizer, texts, data_parallel=1)
+    sums = lm_sums(eval_fn, params, data.batches, mesh)
+    return {**sums, **pipeline.language_model_scores(sums["nll"], sums["tokens"], sums["bytes"])}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
