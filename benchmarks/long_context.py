@@ -35,7 +35,12 @@ Sections (``--section``; default: memory, short and causal on CPU, gpu on an acc
           exceed 60% of the device's bytes_limit. First (so that the device's
           peak_bytes_in_use, which cannot be reset, is its own) a "fits in memory" row:
           blockwise fwd+bwd at T = 131072, B=1 N=16 H=128, bf16, causal.
-  all     memory, short and causal, and gpu on an accelerator or with --quick.
+  packed  f32, B=1 N=8 H=64, one packed row of T = --packed_length (4096) holding
+          --packed_segments (8) examples of equal length, fwd+bwd, each in its own child as
+          in memory: 'blockwise' given the segment ids, 'blockwise' given today's dense
+          same-segment mask [B, 1, T, T] (built from the ids inside the jitted step, as the
+          model built it), and 'xla' given the ids (its dense path forms the mask inside).
+  all     memory, short, causal and packed, and gpu on an accelerator or with --quick.
 
 --quick shrinks every section to tiny shapes (seconds on CPU), to test the code paths; on CPU
 the gpu section then shows the cudnn/pallas refusals. --json_out PATH writes every row
@@ -51,6 +56,7 @@ Commands (BUILD_NOTES.md):
   python benchmarks/long_context.py --section short               # ~1 min
   python benchmarks/long_context.py --section causal              # ~6 min
   python benchmarks/long_context.py --section gpu --json_out gpu.json   # the H200
+  python benchmarks/long_context.py --section packed              # ~1 min
   python benchmarks/long_context.py --quick --section all        # smoke test, ~1 min
   # a subset of the gpu table within one 10-minute command, e.g.:
   python benchmarks/long_context.py --section gpu --gpu_head_dims 128 --fits_length 0
@@ -78,6 +84,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from process_memory import reset_rss_peak, rss_kib
 from timing import median_seconds
 
 import attention_jax as aj
@@ -96,6 +103,7 @@ DEFAULTS = {
     "gpu_batch": (4, 1),
     "gpu_heads": (16, 2),
     "fits_length": (131072, 2048),
+    "packed_length": (4096, 512),
 }
 REPEATS = {  # section -> (full, --quick)
     "memory": (3, 1),
@@ -116,25 +124,41 @@ def make_inputs(B, T, N, H, dtype, seed=0):
     return tuple(jax.random.normal(kk, (B, T, N, H), dtype) for kk in keys)
 
 
-def make_step(impl, causal, pass_name):
-    """jitted f(q, k, v, c): the attention output (fwd) or the grads of q, k, v (fwd+bwd)."""
+def make_step(impl, causal, pass_name, packing=None):
+    """jitted f(q, k, v, c[, ids]): the attention output (fwd) or the grads of q, k, v
+    (fwd+bwd). ``packing`` 'ids' or 'mask': one more argument, the segment ids [B, T], given
+    as such or as the dense same-segment mask [B, 1, T, T] built from them."""
 
-    def attend(q, k, v):
-        return aj.dot_product_attention(q, k, v, implementation=impl, is_causal=causal)
+    def attend(q, k, v, *ids):
+        kw = {}
+        if packing == "ids":
+            kw = dict(query_segment_ids=ids[0])
+        elif packing == "mask":
+            kw = dict(mask=aj.segment_mask(ids[0]))  # [B, 1, T, T]
+        return aj.dot_product_attention(q, k, v, implementation=impl, is_causal=causal, **kw)
 
     if pass_name == "fwd":
-        return jax.jit(lambda q, k, v, c: attend(q, k, v))
+        return jax.jit(lambda q, k, v, c, *ids: attend(q, k, v, *ids))
 
-    def loss(q, k, v, c):  # c is an argument, not a closed-over constant baked into the HLO
-        return jnp.sum(attend(q, k, v).astype(jnp.float32) * c.astype(jnp.float32))
+    def loss(q, k, v, c, *ids):  # c is an argument, not a constant baked into the HLO
+        return jnp.sum(attend(q, k, v, *ids).astype(jnp.float32) * c.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def compile_step(impl, causal, pass_name, args):
+def packed_ids(B, T, segments):
+    """int32 [B, T]: ``segments`` examples of T // segments tokens (ids 1, 2, ...), then
+    padding (id 0) up to T."""
+    per = T // segments
+    row = jnp.repeat(jnp.arange(1, segments + 1, dtype=jnp.int32), per)
+    row = jnp.pad(row, (0, T - row.shape[0]))
+    return jnp.broadcast_to(row[None], (B, T))
+
+
+def compile_step(impl, causal, pass_name, args, packing=None):
     """(compiled executable, compile seconds); raises what tracing or compiling raised."""
     start = time.perf_counter()
-    compiled = make_step(impl, causal, pass_name).lower(*args).compile()
+    compiled = make_step(impl, causal, pass_name, packing).lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -150,32 +174,6 @@ def classify(exc):
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
         return "oom", f"{type(exc).__name__}: {first[:300]}"
     return "error", f"{type(exc).__name__}: {first[:300]}"
-
-
-def rss_kib():
-    """(current, peak) resident memory of this process in KiB: VmRSS and VmHWM.
-
-    Not getrusage's ru_maxrss: a child started by subprocess inherits its parent's peak there
-    (the exec happens in the parent's vforked address space). Elsewhere than Linux, ru_maxrss
-    for both (KiB on Linux, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-    except (OSError, KeyError, ValueError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak, peak
-
-
-def reset_rss_peak():
-    """Sets VmHWM back to the current RSS (Linux >= 4.0), so the next peak is one phase's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def device_memory_stats():
@@ -317,6 +315,8 @@ def child_main(spec):
     """
     B, T, N, H = spec["B"], spec["T"], spec["N"], spec["H"]
     args = make_inputs(B, T, N, H, jnp.dtype(spec["dtype"]), seed=T)
+    if spec.get("packing"):
+        args = (*args, packed_ids(B, T, spec["segments"]))
     jax.block_until_ready(args)
     out = {}
     out["rss_kib"], out["import_peak_kib"] = rss_kib()
@@ -324,7 +324,7 @@ def child_main(spec):
     if spec["impl"] != "baseline":
         try:
             compiled, out["compile_s"] = compile_step(
-                spec["impl"], spec["causal"], spec["pass"], args
+                spec["impl"], spec["causal"], spec["pass"], args, spec.get("packing")
             )
             out["compile_peak_kib"] = rss_kib()[1]
             out["xla_temp_bytes"] = temp_bytes(compiled)
@@ -434,6 +434,36 @@ def section_memory(flags, rec):
                         **{"pass": pass_name},
                         **res,
                     )
+    table.close()
+
+
+def section_packed(flags, rec):
+    B, N, H, T = flags.batch, flags.heads, flags.head_dim, flags.packed_length
+    n = flags.packed_segments
+    repeats = flags.repeats or REPEATS["memory"][flags.quick]
+    print(
+        f"## packed: float32, B={B} N={N} H={H}, T={T} holding {n} examples of {T // n} "
+        f"tokens; fwd+bwd; one child process per row (as memory); median of {repeats} runs "
+        "after a warm-up. ids: the segment ids in the call; mask: the dense same-segment "
+        "mask [B, 1, T, T] built from them in the step (today's model).\n"
+    )
+    table = Table([("causal", 6), ("impl", 9), ("packing", 7), ("compile s", 0), ("run s", 8),
+                   ("RSS MiB", 11), ("+ run MiB", 0), ("+ compile MiB", 0),
+                   ("XLA temp MiB", 0), ("vs first: time, + run", 0)])  # fmt: skip
+    shape = dict(B=B, T=T, N=N, H=H, dtype="float32", segments=n)
+    for causal in (False, True) if flags.causal else (False,):
+        first = None
+        for impl, packing in (("blockwise", "ids"), ("blockwise", "mask"), ("xla", "ids")):
+            spec = {**shape, "impl": impl, "causal": causal, "pass": "fwd+bwd",
+                    "packing": packing, "repeats": repeats, "warmup": 1}  # fmt: skip
+            res = run_child(spec, flags.child_timeout_s)
+            if res.get("status") == "ok":
+                res["over_run_kib"] = res["run_peak_kib"] - res["rss_kib"]
+                res["over_compile_kib"] = res["compile_peak_kib"] - res["rss_kib"]
+            table.row([causal, impl, packing, *memory_cells(res, first, table)])
+            first = res if first is None else first
+            rec.add("packed", causal=causal, impl=impl, packing=packing, **shape,
+                    **{"pass": "fwd+bwd"}, **res)  # fmt: skip
     table.close()
 
 
@@ -677,7 +707,7 @@ def parse_flags(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--section",
-        choices=("memory", "short", "causal", "gpu", "all"),
+        choices=("memory", "short", "causal", "gpu", "packed", "all"),
         help="default: memory, short and causal on CPU; gpu on an accelerator",
     )
     p.add_argument("--quick", action="store_true", help="tiny shapes, to test the code paths")
@@ -729,6 +759,8 @@ def parse_flags(argv=None):
         type=int,
         help="gpu: T of the fits-in-memory row (default 131072; 0: skip it)",
     )
+    p.add_argument("--packed_length", type=int, help="packed: T (default 4096)")
+    p.add_argument("--packed_segments", type=int, default=8, help="packed: examples per row")
     p.add_argument("--json_out", help="write every row as JSON to this path")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     flags = p.parse_args(argv)
@@ -747,7 +779,7 @@ def main(argv=None):
     accelerator = env["backend"] != "cpu"
     if flags.section == "all":  # gpu first: its fits row wants a fresh device
         gpu = ["gpu"] if accelerator or flags.quick else []
-        sections = [*gpu, "memory", "short", "causal"]
+        sections = [*gpu, "memory", "short", "causal", "packed"]
     elif flags.section is None:
         sections = ["gpu"] if accelerator else ["memory", "short", "causal"]
     else:
@@ -764,6 +796,7 @@ def main(argv=None):
         "short": section_short,
         "causal": section_causal,
         "gpu": section_gpu,
+        "packed": section_packed,
     }
     for name in sections:
         run[name](flags, rec)

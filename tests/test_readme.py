@@ -694,6 +694,11 @@ COMMANDS: dict[str, Run] = {
         args="--quick --lengths 64 --short_lengths 64 --causal_lengths 128 --heads 1 "
         "--head_dim 8 --repeats 1",
     ),
+    ".venv/bin/python benchmarks/train_memory.py": Run(
+        "bench-train-memory",
+        check=_check_table,
+        args="--smoke --in_process --rows chunk+dots+scan --steps 1",
+    ),
     ".venv/bin/python benchmarks/attention.py --lengths 128,512 --repeats 9": Run(
         "bench-attention",
         args="--batch 1 --heads 1 --head_dim 8 --repeats 1",

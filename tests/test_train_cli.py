@@ -142,6 +142,7 @@ OVERRIDES = {
     "attention_bias": ("False", False),
     "tie_output_embedding": ("True", True),
     "remat": ("dots", "dots"),
+    "scan_layers": ("True", True),
 }
 
 

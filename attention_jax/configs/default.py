@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
         # "none" (keep all), "full", "dots" (keep the weight matmuls' outputs), "dots_all"
         # (every matmul's); less memory for more compute, the same numbers.
         remat="none",
+        # Run the layers under nn.scan: one compiled layer body (compile time flat in the
+        # depth), parameters stacked under "layers"; the same numbers, another checkpoint.
+        scan_layers=False,
     )
     config.data = ml_collections.ConfigDict(
         dict(

@@ -67,6 +67,18 @@ def check_lengths(fn: str, arg: str, lengths, batch: tuple, layout: str):
     return lengths.astype(jnp.int32)
 
 
+def check_segment_ids(fn: str, arg: str, ids, shape: tuple, legend: str):
+    """Segment ids: integers of exactly ``shape`` (the batch dims and a length), described
+    as ``legend`` (e.g. ``'[..., T]'``); returned as arrays (None stays None)."""
+    if ids is None:
+        return None
+    ids = jnp.asarray(ids)
+    check_integer(fn, arg, ids, must=f"be an integer array {legend}")
+    if ids.shape != tuple(shape):
+        raise ValueError(f"{fn}: {arg} must have shape {legend} = {tuple(shape)}, got {ids.shape}")
+    return ids
+
+
 def check_qkv_shapes(fn: str, q_shape, k_shape, v_shape, *, one_head=False, names=QKV,
                      batch_legend="") -> None:  # fmt: skip
     """Query, key and value shapes that fit together.

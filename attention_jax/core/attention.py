@@ -48,8 +48,13 @@ rule and a custom transpose would serve both modes at VJP speed, but needs
 ``jax._src.custom_transpose`` (private, unversioned): not taken.
 
 Masks that are structure rather than data are best given as such: ``is_causal=True``,
-``local_window_size``, ``key_value_seq_lengths`` and ``query_seq_lengths`` cost no
-``T × S`` array and let ``'blockwise'`` skip tiles.
+``local_window_size``, ``key_value_seq_lengths``, ``query_seq_lengths`` and the segment ids
+of packed rows (``query_segment_ids``, ``key_segment_ids``) cost no ``T × S`` array on
+``'blockwise'``, which skips the tiles they hide. Of the kernels, the Pallas TPU kernel takes
+segment ids (its ``SegmentIds``) and cuDNN takes them as the same-segment mask (jax.nn has no
+segment ids; the mask then costs what a given one does); the Pallas GPU kernels cannot take
+them (Triton's one ``segment_ids`` array serves queries and keys alike), so ``'auto'`` passes
+them by and an explicit ``'pallas'`` there raises.
 
 Masked logits get a finite large negative (``NEG``, jax.nn's -0.7 × float32 max), never
 -inf, so ``jax.debug_infs`` stays quiet. A query that sees no key gets a zero output and
@@ -73,6 +78,7 @@ from attention_jax.core._checks import (
     check_floating,
     check_lengths,
     check_qkv_shapes,
+    check_segment_ids,
     positive_int,
 )
 from attention_jax.core.dispatch import IMPLEMENTATIONS, Implementation
@@ -252,6 +258,8 @@ def dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
+    query_segment_ids=None,
+    key_segment_ids=None,
     return_weights: bool = False,
 ):
     """Multi-head scaled dot-product attention: the one-head function over heads and batch.
@@ -302,6 +310,14 @@ def dot_product_attention(
       key_value_seq_lengths: optional int ``[...]``: keys at or past the length are masked.
       local_window_size: ``(left, right)`` or an int w for ``(w, w)``: query t attends only
         keys ``t - left <= s <= t + right`` (jax.nn's sliding window).
+      query_segment_ids: optional int ``[..., T]``: packed rows, several examples per row.
+        Query t attends only keys s of the same segment, ``query_segment_ids[t] ==
+        key_segment_ids[s]``, as the mask of :func:`attention_jax.core.masks.segment_mask`
+        (id 0 is not special: pass padding in ``mask`` or the lengths). No ``T × S`` array on
+        ``'blockwise'``, which skips the tiles that no query of a tile can see; see the
+        module docstring for the kernels.
+      key_segment_ids: optional int ``[..., S]`` (default: ``query_segment_ids``, which then
+        needs S = T); only with ``query_segment_ids``.
       implementation: ``'xla'``, ``'blockwise'``, ``'blockwise_autodiff'``, ``'cudnn'``,
         ``'pallas'``, None (the fastest that serves every transform) or ``'auto'`` (the
         fastest, possibly reverse-mode only); see the module docstring. An explicit choice
@@ -331,6 +347,7 @@ def dot_product_attention(
     kv_lengths = check_lengths(name, "key_value_seq_lengths", key_value_seq_lengths,
                                tuple(batch), layout)  # fmt: skip
     q_lengths = check_lengths(name, "query_seq_lengths", query_seq_lengths, tuple(batch), layout)
+    segments = _check_segment_ids(name, query_segment_ids, key_segment_ids, tuple(batch), T, S)
     window = _check_window(name, local_window_size)
     scale = _check_scale(name, scale, H)
     einsums = _check_einsums(name, precision, einsum_dot_general, qk_attn_weights_einsum,
@@ -351,19 +368,20 @@ def dot_product_attention(
         dtype=dtype, has_mask=mask is not None, has_bias=bias is not None,
         is_causal=bool(is_causal), has_lengths=kv_lengths is not None, dropout=dropout,
         want_weights=want_weights, features=[f for f, used in features.items() if used],
+        has_segment_ids=segments is not None,
     )  # fmt: skip
     mask = None if mask is None else _lead_pad(mask, len(target))  # [*b|1, N|1, T|1, S|1]
     bias = None if bias is None else _lead_pad(bias, len(target))
 
     if impl in ("cudnn", "pallas"):
         q, k, v = (x.astype(dtype) for x in (query, key, value))
-        return _kernel_path(impl, q, k, v, mask, bias, kv_lengths, is_causal=bool(is_causal),
-                            scale=scale)  # fmt: skip
+        return _kernel_path(impl, q, k, v, mask, bias, kv_lengths, segments,
+                            is_causal=bool(is_causal), scale=scale)  # fmt: skip
 
     # Heads first: [..., T, N, H] -> [..., N, T, H]; k, v: [..., S, K, H] -> [..., K, S, H].
     q, k, v = (jnp.swapaxes(x.astype(dtype), -3, -2) for x in (query, key, value))
     structural = _structural_mask(T, S, bool(is_causal), window, kv_lengths, q_lengths,
-                                  len(target))  # fmt: skip
+                                  len(target), segments)  # fmt: skip
     if impl in ("blockwise", "blockwise_autodiff"):
         try:
             out, lse = blockwise.blockwise_attention(
@@ -372,7 +390,9 @@ def dot_product_attention(
                 local_window=window, dropout_rate=dropout, dropout_rng=dropout_rng,
                 broadcast_dropout=broadcast_dropout, precision=precision,
                 autodiff=impl == "blockwise_autodiff", return_lse=True,
-            )  # fmt: skip  # out [*b, N, T, Hv], lse [*b, N, T]
+                q_segment_ids=None if segments is None else segments[0][..., None, :],
+                kv_segment_ids=None if segments is None else segments[1][..., None, :],
+            )  # fmt: skip  # out [*b, N, T, Hv], lse [*b, N, T]; ids [*b, N=1, T|S]
         except TypeError as e:  # jvp of the custom VJP, caught where jax raises it in here
             if "forward-mode" not in str(e):
                 raise
@@ -435,9 +455,9 @@ def _and(a, b):
     return b if a is None else (a if b is None else jnp.logical_and(a, b))
 
 
-def _structural_mask(T, S, is_causal, window, kv_lengths, q_lengths, rank):
-    """The causal, window and length masks as one bool [*b|1, 1, T|1, S|1] array (None if
-    none applies)."""
+def _structural_mask(T, S, is_causal, window, kv_lengths, q_lengths, rank, segments=None):
+    """The causal, window, length and segment masks as one bool [*b|1, 1, T|1, S|1] array
+    (None if none applies)."""
     mask = None
     rows, cols = jnp.arange(T)[:, None], jnp.arange(S)[None, :]  # [T, 1], [1, S]
     if is_causal:  # top-left aligned: query t sees keys s <= t
@@ -451,11 +471,20 @@ def _structural_mask(T, S, is_causal, window, kv_lengths, q_lengths, rank):
     if q_lengths is not None:
         queries = _lead_pad(rows, rank) < q_lengths[..., None, None, None]  # [*b, 1, T, 1]
         mask = _and(mask, queries)
+    if segments is not None:
+        mask = _and(mask, _same_segment(*segments))
     return mask
 
 
-def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
-    """A fused kernel on [B, T, N, H] (the batch dims flattened into one B)."""
+def _same_segment(q_ids, k_ids):
+    """bool [*b, 1, T, S] from segment ids [*b, T] and [*b, S]: the same id."""
+    return (q_ids[..., :, None] == k_ids[..., None, :])[..., None, :, :]
+
+
+def _kernel_path(impl, q, k, v, mask, bias, lengths, segments, *, is_causal, scale):
+    """A fused kernel on [B, T, N, H] (the batch dims flattened into one B). Segment ids go
+    to the Pallas TPU kernel as they are; cuDNN (through jax.nn, which has none) gets them
+    as the same-segment mask."""
     *batch, T, N, H = q.shape
     B = math.prod(batch)
     S, K, Hv = k.shape[-3], k.shape[-2], v.shape[-1]
@@ -469,13 +498,21 @@ def _kernel_path(impl, q, k, v, mask, bias, lengths, *, is_causal, scale):
         return jnp.broadcast_to(x, (*batch, *x.shape[len(batch) :])).reshape(B, *x.shape[-3:])
 
     lengths = None if lengths is None else lengths.reshape(B)
+    q_ids = k_ids = None
+    if segments is not None and impl == "cudnn":
+        same = _lead_pad(_same_segment(*segments), len(batch) + 3)  # [*b|1, 1, T, S]
+        mask = same if mask is None else jnp.logical_and(mask, same)
+    elif segments is not None:
+        q_ids, k_ids = segments[0].reshape(B, T), segments[1].reshape(B, S)
     if impl == "cudnn":
         out = kernels.cudnn_attention(q, k, v, bias=flat(bias), mask=flat(mask),
                                       is_causal=is_causal, key_value_seq_lengths=lengths,
                                       scale=scale)  # fmt: skip
     else:
         out = kernels.pallas_attention(q, k, v, is_causal=is_causal,
-                                       key_value_seq_lengths=lengths, scale=scale)  # fmt: skip
+                                       key_value_seq_lengths=lengths, scale=scale,
+                                       query_segment_ids=q_ids,
+                                       key_segment_ids=k_ids)  # fmt: skip
     return out.reshape(*batch, T, N, Hv).astype(q.dtype)
 
 
@@ -621,6 +658,8 @@ def multi_head_attention(
     is_causal: bool = False,
     key_value_seq_lengths=None,
     num_kv_heads: int | None = None,
+    query_segment_ids=None,
+    key_segment_ids=None,
 ):
     """MultiHead(Q, K, V) = Concat(head_1..head_N)·W_O with head_i = Attention(Q·W_Qi, K·W_Ki,
     V·W_Vi), as a pure function of a params pytree (see :func:`init_multi_head_attention`).
@@ -633,7 +672,8 @@ def multi_head_attention(
       num_kv_heads: K, the key/value heads (default N); must match the params' key and
         value kernels ``[Dkv, K, H]``. K < N (dividing N) is grouped-query attention.
       mask, bias, dropout_*, deterministic, dtype, precision, implementation,
-      return_weights, is_causal, key_value_seq_lengths: as in :func:`dot_product_attention`.
+      return_weights, is_causal, key_value_seq_lengths, query_segment_ids ``[..., T]``,
+      key_segment_ids ``[..., S]``: as in :func:`dot_product_attention`.
       query_positions, key_positions: integer ``[..., T]`` and ``[..., S]``; when given, the
         projected queries and keys are rotated by
         :func:`attention_jax.core.positional.apply_rotary_embedding` (rotary positions).
@@ -659,7 +699,8 @@ def multi_head_attention(
         q, k, v, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
         deterministic=deterministic, dtype=dtype, precision=precision,
         implementation=implementation, return_weights=return_weights, is_causal=is_causal,
-        key_value_seq_lengths=key_value_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, query_segment_ids=query_segment_ids,
+        key_segment_ids=key_segment_ids,
     )  # fmt: skip
     heads, weights = result if return_weights else (result, None)
     out = merge_heads(params["out"], heads, dtype=dtype, precision=precision)  # [..., T, Dout]
@@ -743,6 +784,28 @@ def _check_bias(name, bias, target, legend):
 
 def _lead_pad(x, rank):
     return x.reshape((1,) * (rank - x.ndim) + x.shape)
+
+
+def _check_segment_ids(name, query_ids, key_ids, batch, T, S):
+    """(query ids [*b, T], key ids [*b, S]) of one integer dtype, or None when not given."""
+    if query_ids is None:
+        if key_ids is not None:
+            raise ValueError(
+                f"{name}: key_segment_ids needs query_segment_ids (give both, or "
+                "query_segment_ids alone for self-attention)"
+            )
+        return None
+    query_ids = check_segment_ids(name, "query_segment_ids", query_ids, (*batch, T), "[..., T]")
+    if key_ids is None:
+        if S != T:
+            raise ValueError(
+                f"{name}: key_segment_ids [..., S] is needed when S != T (S={S}, T={T}); "
+                "only self-attention may give query_segment_ids alone"
+            )
+        key_ids = query_ids
+    key_ids = check_segment_ids(name, "key_segment_ids", key_ids, (*batch, S), "[..., S]")
+    dtype = jnp.promote_types(query_ids.dtype, key_ids.dtype)
+    return query_ids.astype(dtype), key_ids.astype(dtype)
 
 
 def _check_window(name, window):

@@ -20,6 +20,14 @@ float32. Here each head is computed in tiles of ``query_block × key_block`` (le
   diagonal (about half the tiles for T = S); with ``kv_lengths`` no block past a head's length
   is visited. Masks and bias are sliced per tile from their broadcastable ``[T|1, S|1]`` form,
   so a mask shared across rows (``[1, S]``) stays O(S).
+* **Segments** (packed rows). With segment ids (query t sees key s only if their ids are
+  equal) each tile applies that equality, and the loops skip tiles by the ids' per-tile
+  min and max (of the nonzero ids, and whether the tile holds id 0, padding by convention):
+  a query block visits only the key blocks from the first to the last whose
+  id range meets its own (the backward pass likewise for query blocks), and
+  ``autodiff=True`` skips every tile whose ranges are disjoint. Correct for any ids; the
+  skipping is exact for packed rows (each segment contiguous, ids increasing), where the
+  visible tiles of a block are contiguous.
 
 Causal masking is top-left aligned, as in ``jax.nn.dot_product_attention``: query ``t`` sees
 keys ``s <= t`` (for T = S that is the usual decoder mask). A local window ``(left, right)``
@@ -192,11 +200,12 @@ def _varying_axes(x) -> set:
     return set(getattr(aval, "vma", None) or ())  # older jax
 
 
-def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, *, edge=True):
+def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, seg=None, *, edge=True):
     """Scaled, biased, masked logits of tile (i, j), [qb, kb], its dropout multiplier and its
     bool validity ([qb|1, kb|1], None when every key is visible).
 
     `limit` (traced int or None): keys at or past it are masked (key padding, tile padding).
+    `seg`: the padded segment ids (q [Tp], k [Sp]) or None; applied on every tile.
     `edge`: the tile may cross the diagonal, the window or the limit, so those are applied;
     False for the tiles the loop bounds know to be wholly visible (most of them).
     """
@@ -216,6 +225,9 @@ def _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, *, edge=True):
         valid = _and(valid, (rows <= cols + left) & (rows >= cols - right))
     if limit is not None and edge:
         valid = _and(valid, cols < limit)
+    if seg is not None:  # same segment: [qb, 1] == [1, kb]
+        q_ids, k_ids = _rows(seg[0], i, qb), _rows(seg[1], j, kb)
+        valid = _and(valid, q_ids[:, None] == k_ids[None, :])
     if valid is not None:
         s = jnp.where(valid, s, NEG)
     keep = None
@@ -237,10 +249,74 @@ def _key_limit(S, padded_S, kv_len):
     return jnp.clip(kv_len, 0, S).astype(jnp.int32)
 
 
-def _key_blocks(plan, i, limit, nk):
+def _key_blocks(plan, i, limit, nk, spans=None):
     """(start, whole, end) for query block i: it visits key blocks [start, end); blocks
     [start, whole) are wholly visible to every row (no causal, window or length masking),
-    blocks [whole, end) need it."""
+    blocks [whole, end) need it. `spans` (see `_segment_spans`) narrows [start, end) to the
+    key blocks from the first to the last whose segment ids can meet the block's."""
+    start, whole, end = _structural_key_blocks(plan, i, limit, nk)
+    if spans is None:
+        return start, whole, end
+    q_spans, k_spans = spans
+    return _narrow(start, whole, end, *_span(tuple(x[i] for x in q_spans), k_spans))
+
+
+def _query_blocks(plan, j, limit, nq, spans=None):
+    """(start, whole, stop) for key block j: query blocks [start, stop) see some of its
+    keys; [start, whole) need causal, window or length masking, [whole, stop) see them all.
+    `spans` narrows [start, stop) as in `_key_blocks`."""
+    start, whole, stop = _structural_query_blocks(plan, j, limit, nq)
+    if spans is None:
+        return start, whole, stop
+    q_spans, k_spans = spans
+    return _narrow(start, whole, stop, *_span(tuple(x[j] for x in k_spans), q_spans))
+
+
+def _segment_spans(seg, nq, qb, nk, kb):
+    """((lo, hi, zero) [nq] of the query tiles, the same [nk] of the key tiles): each tile's
+    least and greatest nonzero segment id and whether it holds id 0, from the padded ids
+    (padded by repeating the last id, so padding adds no new id). Id 0 (padding, by
+    convention) is kept apart so that a row's trailing padding does not stretch the range
+    of its last tile over every segment."""
+
+    def spans(ids, n, b):  # ids [n * b] -> three [n]
+        ids = ids.reshape(n, b)
+        info = jnp.iinfo(ids.dtype)
+        zero = ids == 0
+        lo = jnp.where(zero, info.max, ids).min(1)  # all zero: an empty range (max, min)
+        hi = jnp.where(zero, info.min, ids).max(1)
+        return lo, hi, zero.any(1)
+
+    return spans(seg[0], nq, qb), spans(seg[1], nk, kb)
+
+
+def _meets(a, b):
+    """Whether tiles with spans a and b (``(lo, hi, zero)`` each) may hold a query and a key
+    of one id: their nonzero ranges intersect or both hold id 0. If not, no id of one
+    equals an id of the other."""
+    (a_lo, a_hi, a_zero), (b_lo, b_hi, b_zero) = a, b
+    return ((b_hi >= a_lo) & (b_lo <= a_hi)) | (a_zero & b_zero)
+
+
+def _span(a, b):
+    """[lo, hi): from the first to one past the last tile of b (spans [n]) that meets tile a
+    (an empty [0, 0) when none does)."""
+    meets = _meets(a, b)  # [n]
+    n = meets.shape[0]
+    found = jnp.any(meets)
+    lo = jnp.argmax(meets).astype(jnp.int32)
+    hi = (n - jnp.argmax(meets[::-1])).astype(jnp.int32)
+    return jnp.where(found, lo, 0), jnp.where(found, hi, 0)
+
+
+def _narrow(start, whole, end, lo, hi):
+    """[start, end) intersected with [lo, hi), `whole` kept inside it."""
+    start = jnp.maximum(start, lo)
+    end = jnp.maximum(jnp.minimum(end, hi), start)
+    return start, jnp.clip(whole, start, end), end
+
+
+def _structural_key_blocks(plan, i, limit, nk):
     qb, kb = plan.query_block, plan.key_block
     start, end = 0, nk
     if plan.causal:  # the block's last row, i*qb + qb - 1, sees keys up to that index
@@ -264,9 +340,7 @@ def _key_blocks(plan, i, limit, nk):
     return start, jnp.maximum(whole, start), end
 
 
-def _query_blocks(plan, j, limit, nq):
-    """(start, whole, stop) for key block j: query blocks [start, stop) see some of its
-    keys; [start, whole) need causal, window or length masking, [whole, stop) see them all."""
+def _structural_query_blocks(plan, j, limit, nq):
     qb, kb = plan.query_block, plan.key_block
     start, stop = 0, nq
     if plan.causal:
@@ -295,23 +369,28 @@ def _query_blocks(plan, j, limit, nq):
 # --------------------------------------------------------------------------------------
 
 
-def _padded(plan, q, k, v, mask, bias):
+def _padded(plan, q, k, v, mask, bias, seg=None):
     nq, nk = _cdiv(q.shape[0], plan.query_block), _cdiv(k.shape[0], plan.key_block)
     Tp, Sp = nq * plan.query_block, nk * plan.key_block
     q, k, v = _pad_axis(q, 0, Tp, 0), _pad_axis(k, 0, Sp, 0), _pad_axis(v, 0, Sp, 0)
     mask = _pad_axis(_pad_axis(mask, 0, Tp, True), 1, Sp, True)  # padded keys: see limit
     bias = _pad_axis(_pad_axis(bias, 0, Tp, 0), 1, Sp, 0)
-    return nq, nk, q, k, v, mask, bias
+    if seg is not None:  # the last id repeated: the tiles' id ranges stay those of real ids
+        seg = tuple(
+            jnp.pad(x, (0, n - x.shape[0]), mode="edge") for x, n in zip(seg, (Tp, Sp), strict=True)
+        )
+    return nq, nk, q, k, v, mask, bias, seg
 
 
-def _forward(plan, q, k, v, mask, bias, kv_len, rng):
+def _forward(plan, q, k, v, mask, bias, kv_len, rng, seg=None):
     """out [T, Hv] and lse [T] of one head, in the accumulation dtype; lse is NEG for a row
-    that sees no key (its output is 0)."""
+    that sees no key (its output is 0). `seg`: segment ids (q [T], k [S]) or None."""
     T, S, Hv = q.shape[0], k.shape[0], v.shape[1]
     acc = jnp.promote_types(q.dtype, _F32)
-    nq, nk, qp, kp, vp, mask, bias = _padded(plan, q, k, v, mask, bias)
+    nq, nk, qp, kp, vp, mask, bias, segp = _padded(plan, q, k, v, mask, bias, seg)
     limit = _key_limit(S, kp.shape[0], kv_len)
     qb, kb = plan.query_block, plan.key_block
+    spans = None if seg is None else _segment_spans(segp, nq, qb, nk, kb)
     mm = dict(precision=plan.precision, preferred_element_type=acc)
     refs = (q, k, v, mask, bias, kv_len, rng)
 
@@ -321,7 +400,7 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
         def key_block(j, carry, edge):
             m, l, o = carry  # [qb], [qb], [qb, Hv]
             k_j = _rows(kp, j, kb)
-            s, keep, valid = _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc,
+            s, keep, valid = _logits(plan, q_i, k_j, mask, bias, rng, limit, i, j, acc, segp,
                                      edge=edge)  # fmt: skip
             # The max only stabilises (the result does not depend on it): no gradient.
             m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
@@ -344,11 +423,15 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
 
         init = (jnp.full((qb,), NEG, acc), jnp.zeros((qb,), acc), jnp.zeros((qb, Hv), acc))
         init = _vary(init, *refs)
-        start, whole, end = _key_blocks(plan, i, limit, nk)
+        start, whole, end = _key_blocks(plan, i, limit, nk, spans)
         if plan.autodiff:  # static bounds: a scan, which reverse mode can differentiate
 
             def step(j, carry):
                 inside = (j >= start) & (j < end)
+                if spans is not None:  # also skip the tiles inside [start, end) no id meets
+                    q_spans, k_spans = spans
+                    inside = inside & _meets(tuple(x[i] for x in q_spans),
+                                             tuple(x[j] for x in k_spans))  # fmt: skip
                 return lax.cond(inside, functools.partial(key_block, j, edge=True),
                                 lambda c: c, carry)  # fmt: skip
 
@@ -373,24 +456,25 @@ def _forward(plan, q, k, v, mask, bias, kv_len, rng):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _head_attention(plan, q, k, v, mask, bias, kv_len, rng):
+def _head_attention(plan, q, k, v, mask, bias, kv_len, rng, seg):
     """Attention of one head: out [T, Hv] and lse [T] in the accumulation dtype."""
-    return _forward(plan, q, k, v, mask, bias, kv_len, rng)
+    return _forward(plan, q, k, v, mask, bias, kv_len, rng, seg)
 
 
-def _head_attention_fwd(plan, q, k, v, mask, bias, kv_len, rng):
-    out, lse = _forward(plan, q, k, v, mask, bias, kv_len, rng)
-    return (out, lse), (q, k, v, mask, bias, kv_len, rng, out, lse)
+def _head_attention_fwd(plan, q, k, v, mask, bias, kv_len, rng, seg):
+    out, lse = _forward(plan, q, k, v, mask, bias, kv_len, rng, seg)
+    return (out, lse), (q, k, v, mask, bias, kv_len, rng, seg, out, lse)
 
 
 def _head_attention_bwd(plan, res, cotangents):
-    q, k, v, mask, bias, kv_len, rng, out, lse = res
+    q, k, v, mask, bias, kv_len, rng, seg, out, lse = res
     d_out, d_lse = cotangents
     T, S, H, Hv = q.shape[0], k.shape[0], q.shape[1], v.shape[1]
     acc = jnp.promote_types(q.dtype, _F32)
-    nq, nk, qp, kp, vp, maskp, biasp = _padded(plan, q, k, v, mask, bias)
+    nq, nk, qp, kp, vp, maskp, biasp, segp = _padded(plan, q, k, v, mask, bias, seg)
     limit = _key_limit(S, kp.shape[0], kv_len)
     qb, kb = plan.query_block, plan.key_block
+    spans = None if seg is None else _segment_spans(segp, nq, qb, nk, kb)
     mm = dict(precision=plan.precision, preferred_element_type=acc)
     refs = (q, k, v, mask, bias, kv_len, rng, d_out, d_lse, lse)
     d_out = d_out.astype(acc)
@@ -408,7 +492,7 @@ def _head_attention_bwd(plan, res, cotangents):
         def query_block(i, inner, edge):
             dq, dbias, dk, dv = inner
             q_i, do_i = _rows(qp, i, qb), _rows(dop, i, qb)
-            s, keep, _ = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc,
+            s, keep, _ = _logits(plan, q_i, k_j, maskp, biasp, rng, limit, i, j, acc, segp,
                                  edge=edge)  # fmt: skip
             p = jnp.exp(s - _rows(lsep, i, qb)[:, None])  # [qb, kb]
             pd = p if keep is None else p * keep
@@ -425,7 +509,7 @@ def _head_attention_bwd(plan, res, cotangents):
 
         zeros = _vary((jnp.zeros((kb, H), acc), jnp.zeros((kb, Hv), acc)), *refs)
         init = (dq, dbias, *zeros)
-        start, whole, stop = _query_blocks(plan, j, limit, nq)
+        start, whole, stop = _query_blocks(plan, j, limit, nq, spans)
         inner = lax.fori_loop(start, whole, functools.partial(query_block, edge=True), init)
         dq, dbias, dk, dv = lax.fori_loop(
             whole, stop, functools.partial(query_block, edge=False), inner
@@ -438,7 +522,9 @@ def _head_attention_bwd(plan, res, cotangents):
     dk, dv = dk.reshape(nk * kb, H)[:S], dv.reshape(nk * kb, Hv)[:S]
     if dbias is not None:
         dbias = dbias[: bias.shape[0], : bias.shape[1]].astype(bias.dtype)
-    return dq[:T].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias, None, None
+    d_seg = None if seg is None else (None, None)
+    return (dq[:T].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias, None,
+            None, d_seg)  # fmt: skip
 
 
 def _add_tile(dbias, dl, i, j, plan):
@@ -456,10 +542,10 @@ def _add_tile(dbias, dl, i, j, plan):
 _head_attention.defvjp(_head_attention_fwd, _head_attention_bwd)
 
 
-def _one_head(plan, q, k, v, mask, bias, kv_len, rng):
+def _one_head(plan, q, k, v, mask, bias, kv_len, rng, seg=None):
     if plan.autodiff:
-        return _forward(plan, q, k, v, mask, bias, kv_len, rng)
-    return _head_attention(plan, q, k, v, mask, bias, kv_len, rng)
+        return _forward(plan, q, k, v, mask, bias, kv_len, rng, seg)
+    return _head_attention(plan, q, k, v, mask, bias, kv_len, rng, seg)
 
 
 # --------------------------------------------------------------------------------------
@@ -471,7 +557,8 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
                         kv_lengths=None, local_window=None, dropout_rate: float = 0.0,
                         dropout_rng=None, broadcast_dropout: bool = True, precision=None,
                         autodiff: bool = False, return_lse: bool = False,
-                        query_block: int | None = None, key_block: int | None = None):  # fmt: skip
+                        query_block: int | None = None, key_block: int | None = None,
+                        q_segment_ids=None, kv_segment_ids=None):  # fmt: skip
     """Blockwise attention over every head, in the heads-first layout.
 
     Inputs are already validated (use :func:`attention_jax.dot_product_attention` with
@@ -498,6 +585,9 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
       return_lse: also return the log-sum-exp of each row's logits, ``[*lead, T]`` (NEG for
         a row that sees no key); differentiable.
       query_block, key_block: tile sizes (default: per backend, see ``_BLOCKS``).
+      q_segment_ids, kv_segment_ids: integer ``[*lead|1, T]`` and ``[*lead|1, S]`` (given
+        together, one integer dtype): query t sees key s only if their ids are equal (id 0
+        is not special); tiles whose id ranges do not meet are skipped.
 
     Returns:
       ``out [*lead, T, Hv]`` in the accumulation dtype (float32 for bf16/f16/f32 inputs), or
@@ -507,6 +597,9 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
     mask, bias, kv_lengths = (
         None if x is None else jnp.asarray(x) for x in (mask, bias, kv_lengths)
     )
+    seg = None
+    if q_segment_ids is not None:
+        seg = (jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids))
     T, S = q.shape[-2], k.shape[-2]
     lead = q.shape[:-2]
     group = 1
@@ -517,11 +610,14 @@ def blockwise_attention(q, k, v, mask=None, bias=None, *, scale: float, is_causa
         k, v = k[..., None, :, :], v[..., None, :, :]  # [*b, K, 1, S, H|Hv]
         mask, bias = (_split_heads(x, len(lead) - 1, K, group) for x in (mask, bias))
         kv_lengths = _split_heads(kv_lengths, len(lead) - 1, K, group)
+        if seg is not None:
+            seg = tuple(_split_heads(x, len(lead) - 1, K, group) for x in seg)
     plan = default_plan(T, S, scale=scale, causal=is_causal, dropout_rate=dropout_rate,
                         precision=precision, window=local_window, autodiff=autodiff,
                         query_block=query_block, key_block=key_block)  # fmt: skip
     rng = dropout_rng if dropout_rate else None
-    out, lse = _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, bool(broadcast_dropout))
+    out, lse = _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, bool(broadcast_dropout),
+                          seg)  # fmt: skip
     if group > 1:  # [*b, K, group, T, Hv] -> [*b, N, T, Hv]
         out, lse = out.reshape(*lead, T, out.shape[-1]), lse.reshape(*lead, T)
     return (out, lse) if return_lse else out
@@ -536,7 +632,7 @@ def _split_heads(x, axis, K, group):
     return x.reshape(*x.shape[:axis], *split, *x.shape[axis + 1 :])
 
 
-def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
+def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout, seg=None):
     """The head map. Lead dims that are explicitly sharded (``AxisType.Explicit`` meshes) are
     vmapped, one at a time (``lax.map`` cannot scan over a sharded axis); the rest are
     flattened and run in groups of :func:`heads_per_step` heads.
@@ -545,34 +641,40 @@ def _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout):
     key/value head serves the ``lead[-1]`` query heads of its group, which run together
     against it (k and v are never repeated)."""
     lead = q.shape[:-2]
-    d = _explicitly_sharded_dim(len(lead), q, k, v, mask, bias, kv_lengths)
+    q_seg, kv_seg = (None, None) if seg is None else seg
+    d = _explicitly_sharded_dim(len(lead), q, k, v, mask, bias, kv_lengths, q_seg, kv_seg)
     if d is not None:
-        args = (q, k, v, mask, bias, kv_lengths)
+        args = (q, k, v, mask, bias, kv_lengths, q_seg, kv_seg)
         axes = tuple(None if x is None or x.shape[d] == 1 else d for x in args)
         rngs, rng_axis = rng, None
         if rng is not None and not broadcast_dropout:  # a different pattern per slice
             rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(lead[d]))
             rng_axis = 0
-        fn = jax.vmap(
-            lambda *xs: _all_heads(plan, *xs[:-1], xs[-1], broadcast_dropout),
-            in_axes=(*axes, rng_axis), out_axes=(d, d), axis_size=lead[d],
-        )  # fmt: skip
+
+        def sliced(q, k, v, mask, bias, kv_lengths, q_seg, kv_seg, rng):
+            seg = None if q_seg is None else (q_seg, kv_seg)
+            return _all_heads(plan, q, k, v, mask, bias, kv_lengths, rng, broadcast_dropout, seg)
+
+        fn = jax.vmap(sliced, in_axes=(*axes, rng_axis), out_axes=(d, d), axis_size=lead[d])
         return fn(*args, rngs)
     T, H, S, Hv = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     G = math.prod(lead)
     mask_flat, mask_idx = _flatten_lead(mask, lead)
     bias_flat, bias_idx = _flatten_lead(bias, lead)
     len_flat, len_idx = _flatten_lead(kv_lengths, lead)
+    qs_flat, qs_idx = _flatten_lead(q_seg, lead)
+    ks_flat, ks_idx = _flatten_lead(kv_seg, lead)
 
     def head(xs):
         g, q1, k1, v1 = xs
         m1 = None if mask is None else mask_flat[mask_idx[g]]  # [T|1, S|1]
         b1 = None if bias is None else bias_flat[bias_idx[g]]
         n1 = None if kv_lengths is None else len_flat[len_idx[g]]  # scalar
+        s1 = None if seg is None else (qs_flat[qs_idx[g]], ks_flat[ks_idx[g]])  # [T], [S]
         r1 = None
         if rng is not None:
             r1 = rng if broadcast_dropout else jax.random.fold_in(rng, g)
-        return _one_head(plan, q1, k1, v1, m1, b1, n1, r1)
+        return _one_head(plan, q1, k1, v1, m1, b1, n1, r1, s1)
 
     per_step = heads_per_step(plan, G)
     group = 1 if k.shape[:-2] == lead else lead[-1]

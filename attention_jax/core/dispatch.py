@@ -73,7 +73,7 @@ def resolve_implementation(name: str, implementation, *, features=(), **call) ->
       features: the arguments this call uses that only some implementations take (the
         fused kernels none of them; blockwise not those in :data:`DENSE_ONLY`).
       **call: q_shape, k_shape, v_shape, dtype, has_mask, has_bias, is_causal, has_lengths,
-        dropout, want_weights: what :func:`unsupported_reason` takes.
+        dropout, want_weights, has_segment_ids: what :func:`unsupported_reason` takes.
     """
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(
@@ -283,6 +283,7 @@ def unsupported_reason(
     device_kind: DeviceKind | None = None,
     interpret: bool = False,
     variant: str | None = None,
+    has_segment_ids: bool = False,
 ) -> str | None:
     """None when ``implementation`` can run this call, else a short human reason.
 
@@ -296,6 +297,8 @@ def unsupported_reason(
         ``key_value_seq_lengths`` the call uses.
       dropout: the attention dropout rate (0.0 = none).
       want_weights: whether the caller needs the ``[..., N, T, S]`` weights.
+      has_segment_ids: whether the call gives segment ids (packed rows): the Pallas TPU
+        kernel takes them, cuDNN as a mask (so as ``has_mask``), the Pallas GPU kernels not.
       backend: ``'gpu'``, ``'tpu'``, ``'cpu'``; default ``jax.default_backend()``.
       device_kind: the device to check against (a :class:`DeviceKind`); default: detected
         from this host's ``backend``. When the host lacks that backend (planning for another
@@ -315,7 +318,7 @@ def unsupported_reason(
     common = dict(
         dims=dims, dtype=dtype, has_mask=bool(has_mask), has_bias=bool(has_bias),
         is_causal=bool(is_causal), has_lengths=bool(has_lengths), dropout=float(dropout),
-        want_weights=bool(want_weights),
+        want_weights=bool(want_weights), has_segment_ids=bool(has_segment_ids),
     )  # fmt: skip
     if implementation == "cudnn":
         if interpret or variant is not None:
@@ -348,7 +351,7 @@ def pallas_variant(
         name, dims=_dims(name, q_shape, k_shape, v_shape), dtype=jnp.dtype(dtype),
         has_mask=False, has_bias=False, is_causal=bool(is_causal),
         has_lengths=bool(has_lengths), dropout=0.0, want_weights=False, backend=backend,
-        device=device_kind, interpret=interpret, variant=None,
+        device=device_kind, interpret=interpret, variant=None, has_segment_ids=False,
     )  # fmt: skip
     if reason is not None:
         raise NotImplementedError(f"{name}: {reason}")
@@ -365,8 +368,10 @@ def _dims(name, q_shape, k_shape, v_shape):
 
 
 def _cudnn_reason(*, dims, dtype, has_mask, has_bias, is_causal, has_lengths, dropout,
-                  want_weights, platform, device, detected):  # fmt: skip
+                  want_weights, platform, device, detected, has_segment_ids):  # fmt: skip
     del is_causal, has_lengths  # cuDNN takes both (MaskType.CAUSAL / PADDING[_CAUSAL]).
+    # jax.nn.dot_product_attention takes no segment ids: they reach cuDNN as a mask.
+    has_mask = has_mask or has_segment_ids
     T, S, _, H, Hv = dims
     if want_weights:
         return "cudnn does not return the attention weights"
@@ -407,12 +412,14 @@ def _cudnn_reason(*, dims, dtype, has_mask, has_bias, is_causal, has_lengths, dr
     if (has_mask or has_bias) and (T % 2 or S % 2):
         # combine_bias_and_mask turns a mask into a bias; check_is_flash_attention then
         # refuses odd lengths in training (the backward pass).
-        return f"cudnn with a mask or bias needs even T and S, got T={T}, S={S}"
+        what = "segment ids (a mask there)" if has_segment_ids else "a mask or bias"
+        return f"cudnn with {what} needs even T and S, got T={T}, S={S}"
     return None
 
 
 def pallas_plan(name, *, dims, dtype, has_mask, has_bias, is_causal, has_lengths, dropout,
-                want_weights, backend, device, interpret, variant):  # fmt: skip
+                want_weights, backend, device, interpret, variant,
+                has_segment_ids=False):  # fmt: skip
     """(reason, variant): why no Pallas kernel can run the call (else None) and which runs."""
     if variant is not None and variant not in PALLAS_VARIANTS:
         raise ValueError(
@@ -451,6 +458,13 @@ def pallas_plan(name, *, dims, dtype, has_mask, has_bias, is_causal, has_lengths
         return _tpu_reason(T, S, H, Hv, dtype), "tpu"
     if variant == "tpu":
         raise ValueError(f"{name}: variant='tpu' is the TPU kernel but the backend is gpu")
+    if has_segment_ids:  # ops/gpu/attention.py: mha reads one segment_ids for q and kv
+        return (
+            "the pallas GPU kernels take no query and key segment ids (Triton's one "
+            "segment_ids array serves both, Mosaic GPU has none); use 'cudnn', 'blockwise' "
+            "or 'xla'",
+            "triton",
+        )
     if variant in (None, "mgpu"):
         reason = _mgpu_reason(T, S, H, Hv, dtype, device, interpret, is_causal, has_lengths)
         if reason is None or variant == "mgpu":

@@ -57,6 +57,7 @@ from attention_jax.core._checks import (
     check_lengths,
     check_qkv_shapes,
     check_same_dtype,
+    check_segment_ids,
 )
 from attention_jax.core.dispatch import (
     MGPU_BLOCK,
@@ -165,6 +166,8 @@ def pallas_attention(
     variant=None,
     block_q=None,
     block_k=None,
+    query_segment_ids=None,
+    key_segment_ids=None,
 ):
     """Flash attention with the Pallas kernels in ``jax.experimental.pallas.ops``.
 
@@ -184,7 +187,9 @@ def pallas_attention(
     * ``'mgpu'``: q is pre-scaled (the kernel has no scale: one extra rounding of q unless
       ``scale`` is a power of two); T is padded to a block multiple; S must already be one.
     * ``'tpu'``: layout ``[B, N, T, H]``; S padded to a multiple of 128 and masked with the
-      kernel's separate kv ``segment_ids``, which also carry ``key_value_seq_lengths``.
+      kernel's separate kv ``segment_ids``, which also carry ``key_value_seq_lengths`` and
+      the caller's segment ids (masked keys get an id no query of the row has: one past the
+      row's largest query id, or one below its smallest when that is the int32 maximum).
 
     Hv != H ('triton', 'tpu') is handled by zero-padding the narrower head dim: the kernels
     take one head dim Hp for q, k and v. Grouped-query k and v (K < N heads) are repeated
@@ -204,6 +209,8 @@ def pallas_attention(
       block_q, block_k: query and key block sizes (default: the kernel's, 128 mostly).
         Triton: powers of two >= 16; mgpu: multiples of 64; TPU: block_q a multiple of 8,
         block_k a multiple of 128.
+      query_segment_ids, key_segment_ids: optional int ``[B, T]`` and ``[B, S]``, given
+        together (packed rows): query t sees key s only if their ids are equal. TPU only.
 
     Returns:
       ``out [B, T, N, Hv]`` in q's dtype.
@@ -215,12 +222,13 @@ def pallas_attention(
     name = "pallas_attention"
     q, k, v, lengths, scale = _check_call(name, q, k, v, key_value_seq_lengths, scale)
     (T, N, H), S, Hv = q.shape[1:], k.shape[1], v.shape[-1]
+    segments = _check_segments(name, query_segment_ids, key_segment_ids, q.shape[0], T, S)
     is_causal = bool(is_causal)
     reason, chosen = pallas_plan(
         name, dims=(T, S, N, H, Hv), dtype=q.dtype,
         has_mask=False, has_bias=False, is_causal=is_causal, has_lengths=lengths is not None,
         dropout=0.0, want_weights=False, backend=backend, device=None,
-        interpret=bool(interpret), variant=variant,
+        interpret=bool(interpret), variant=variant, has_segment_ids=segments is not None,
     )  # fmt: skip
     if reason is not None:
         raise NotImplementedError(f"{name}: {reason}")
@@ -232,8 +240,24 @@ def pallas_attention(
     elif chosen == "mgpu":
         out = _mgpu_attention(name, q, k, v, **call)
     else:
-        out = _tpu_attention(name, q, k, v, lengths, interpret=bool(interpret), **call)
+        out = _tpu_attention(name, q, k, v, lengths, segments, interpret=bool(interpret), **call)
+    if segments is not None:
+        return _zero_unsegmented_rows(out, segments, lengths, is_causal=is_causal)
     return _zero_empty_rows(out, None, lengths, is_causal=is_causal)
+
+
+def _zero_unsegmented_rows(out, segments, lengths, *, is_causal):
+    """``out [B, T, N, Hv]`` with the rows that see no key of their segment set to 0 (a
+    reduction over [B, T, S] that XLA fuses: the bool array is not kept)."""
+    q_ids, k_ids = segments
+    T, S = q_ids.shape[1], k_ids.shape[1]
+    visible = q_ids[:, :, None] == k_ids[:, None, :]  # [B, T, S]
+    if is_causal:
+        visible = visible & (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])[None]
+    if lengths is not None:
+        visible = visible & (jnp.arange(S)[None, None, :] < lengths[:, None, None])
+    rows = jnp.any(visible, axis=-1)[:, :, None, None]  # [B, T, 1, 1]
+    return jnp.where(rows, out, jnp.zeros((), out.dtype))
 
 
 def _triton_attention(name, q, k, v, lengths, *, is_causal, scale, interpret, block_q, block_k):
@@ -318,7 +342,8 @@ def _mgpu_attention(name, q, k, v, *, is_causal, scale, block_q, block_k):
     return out[:, :T]
 
 
-def _tpu_attention(name, q, k, v, lengths, *, is_causal, scale, interpret, block_q, block_k):
+def _tpu_attention(name, q, k, v, lengths, segments, *, is_causal, scale, interpret, block_q,
+                   block_k):  # fmt: skip
     """``ops/tpu/flash_attention.py: flash_attention`` in its ``[B, N, T, H]`` layout."""
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
@@ -346,7 +371,13 @@ def _tpu_attention(name, q, k, v, lengths, *, is_causal, scale, interpret, block
         block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq,
     )  # fmt: skip
     segment_ids = None
-    if lengths is not None or (Sp > S and not (is_causal and T <= S)):
+    if segments is not None:  # masked keys get an id none of the row's queries has
+        q_ids, k_ids = (x.astype(jnp.int32) for x in segments)  # [B, T], [B, S]
+        top, bottom = jnp.max(q_ids, axis=1), jnp.min(q_ids, axis=1)  # [B]
+        none = jnp.where(top < np.iinfo(np.int32).max, top + 1, bottom - 1)  # [B]
+        k_ids = jnp.where(_keys_ok(B, Sp, S, lengths), _pad_to(k_ids, {1: Sp}), none[:, None])
+        segment_ids = tpu_flash.SegmentIds(q=_pad_to(q_ids, {1: Tp}), kv=k_ids)  # [B, Tp|Sp]
+    elif lengths is not None or (Sp > S and not (is_causal and T <= S)):
         segment_ids = tpu_flash.SegmentIds(
             q=jnp.ones((B, Tp), jnp.int32),  # [B, Tp]
             kv=_keys_ok(B, Sp, S, lengths).astype(jnp.int32),  # [B, Sp]
@@ -460,6 +491,17 @@ def _check_call(name, q, k, v, lengths, scale):
         raise ValueError(f"{name}: scale must be > 0, got {scale}")
     lengths = check_lengths(name, "key_value_seq_lengths", lengths, q.shape[:1], "[B, T, N, H]")
     return q, k, v, lengths, scale
+
+
+def _check_segments(name, q_ids, k_ids, B, T, S):
+    """(query ids [B, T], key ids [B, S]) or None; both or neither."""
+    if (q_ids is None) != (k_ids is None):
+        raise ValueError(f"{name}: give both query_segment_ids and key_segment_ids, or neither")
+    if q_ids is None:
+        return None
+    q_ids = check_segment_ids(name, "query_segment_ids", q_ids, (B, T), "[B, T]")
+    k_ids = check_segment_ids(name, "key_segment_ids", k_ids, (B, S), "[B, S]")
+    return q_ids, k_ids
 
 
 def _check_4d(name, nm, x, target, legend, *, kind):

@@ -43,6 +43,7 @@ from attention_jax.workdir.experiment import (
     model_kind,
     model_signature,
     signature_differences,
+    signature_hint,
 )
 
 # ---- Text lines. -----------------------------------------------------------------------
@@ -384,6 +385,7 @@ def _check_checkpoint(workdir: str, config, cfg: TransformerConfig, tokenizer: T
                 raise IncompatibleCheckpointError(
                     f"{config_json} does not describe the model of the checkpoint of step "
                     f"{step} ({shown}); restore the config.json that training wrote"
+                    + (f"; {hint}" if (hint := signature_hint(differ)) else "")
                 )
         if meta.get("vocab_fingerprint") != tokenizer.fingerprint:
             raise IncompatibleCheckpointError(

@@ -59,6 +59,11 @@ class TransformerConfig:
     # only each layer's input; "dots" also its weight matmuls' outputs; "dots_all" every
     # matmul's, the attention scores included.
     remat: str = "none"
+    # Run the L layers of each stack under flax.linen.scan: one compiled layer body (compile
+    # time flat in L), parameters stacked [L, ...] under "layers" (logical axis "layers")
+    # instead of layer_0 ... layer_{L-1}; same numbers. Convert a parameter tree with
+    # nn.model.stack_layer_params / unstack_layer_params.
+    scan_layers: bool = False
 
     def __post_init__(self):
         for names, ok, expected in _FIELD_RULES:
@@ -144,7 +149,7 @@ _FIELD_RULES = (
      "a positive int"),
     (("target_vocab_size", "num_decoder_layers", "num_kv_heads"),
      lambda v: v is None or _positive_int(v), "None or a positive int"),
-    (("share_embeddings", "pre_ln", "attention_bias"), lambda v: isinstance(v, bool),
+    (("share_embeddings", "pre_ln", "attention_bias", "scan_layers"), lambda v: isinstance(v, bool),
      "True or False"),  # "False" is truthy
     (("tie_output_embedding",), lambda v: v is None or isinstance(v, bool),
      "None, True or False"),

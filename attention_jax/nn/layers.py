@@ -13,12 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attention_jax.core.attention import (
-    dot_product_attention,
-    merge_heads,
-    multi_head_attention,
-    project_heads,
-)
+from attention_jax.core.attention import dot_product_attention, merge_heads, project_heads
 from attention_jax.core.positional import apply_rotary_embedding
 from attention_jax.nn.config import REMATS, TransformerConfig
 
@@ -27,6 +22,13 @@ _xavier = nn.initializers.xavier_uniform
 
 def _with_axes(init, axes):
     return nn.with_logical_partitioning(init, axes)
+
+
+# Logical axes of the activations (the rules that map them to the mesh: nn/sharding.py).
+# Without a mesh and rules in context, nn.with_logical_constraint returns its input as is.
+HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+KV_HEADS_AXES = ("activation_batch", "activation_length", None, "activation_kv")  # K < N
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
 class ProjectionParams(nn.Module):
@@ -83,6 +85,16 @@ class MultiHeadAttention(nn.Module):
     Without ``cache_positions`` the block goes to each row's next ``cache_index`` slots.
     The cache stores K heads ``[B, S, K, H]``. Cross-attention (``cross=True``) projects the
     encoder output once, in the creating call, and reuses it.
+
+    Packed rows (several examples per row) give ``segment_ids [B, T]`` and
+    ``kv_segment_ids [B, S]`` (default: ``segment_ids``): query t attends key s only if
+    their ids are equal (``core.dot_product_attention``'s ``query_segment_ids`` /
+    ``key_segment_ids``: no ``[B, 1, T, S]`` array, tiles skipped by ``'blockwise'``); the
+    mask then only needs the padding. A KV-cached decode step takes none.
+
+    The projected heads q, k, v and the attention output heads ``[B, T, N, H]`` carry the
+    logical axes ``HEADS_AXES`` (k and v, when K < N: no rule for their head axis, as for
+    their kernels).
     """
 
     config: TransformerConfig
@@ -101,10 +113,13 @@ class MultiHeadAttention(nn.Module):
         kv_positions=None,
         decode: bool = False,
         cache_positions=None,
+        segment_ids=None,
+        kv_segment_ids=None,
     ):
         """x [B, T, D], kv [B, S, D], mask bool broadcastable to [B, N, T, S]; `positions`,
         `kv_positions`: rotary positions (or None); `cache_positions` [B, T]: the cache
-        slots of a decode block (see the class docstring)."""
+        slots of a decode block (see the class docstring); `segment_ids` [B, T],
+        `kv_segment_ids` [B, S]: packed rows (see the class docstring)."""
         cfg = self.config
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
         common = dict(in_axis=0, out_axis=(1, 2), param_dtype=cfg.param_dtype,
@@ -130,32 +145,51 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )()
         if decode and self.has_variable("cache", "cached_key"):
+            if segment_ids is not None or kv_segment_ids is not None:
+                raise ValueError(
+                    "MultiHeadAttention: a KV-cached decode step takes no segment ids (one "
+                    "example per row), got segment_ids or kv_segment_ids"
+                )
             return self._cached_step(params, x, mask, positions, cache_positions)
         if decode:
             self._create_cache(params, x, kv)
         dropout = cfg.attention_dropout_rate if not deterministic else 0.0
         capture = self.is_mutable_collection("intermediates")
-        result = multi_head_attention(
-            params,
-            x,
-            kv,
-            num_heads=N,
-            num_kv_heads=K,
-            mask=mask,
+        # MultiHead(Q, K, V) as core.multi_head_attention computes it, with the heads'
+        # logical axes between its steps.
+        q = project_heads(params["query"], x, dtype=cfg.dtype)  # [B, T, N, H]
+        k = project_heads(params["key"], kv, dtype=cfg.dtype)  # [B, S, K, H]
+        v = project_heads(params["value"], kv, dtype=cfg.dtype)  # [B, S, K, H]
+        if (positions is None) != (kv_positions is None):
+            raise ValueError("MultiHeadAttention: give both positions and kv_positions, or neither")
+        if positions is not None:  # rotary
+            q = apply_rotary_embedding(q, positions)
+            k = apply_rotary_embedding(k, kv_positions)
+        kv_axes = HEADS_AXES if K == N else KV_HEADS_AXES
+        q = nn.with_logical_constraint(q, HEADS_AXES)
+        k, v = (nn.with_logical_constraint(a, kv_axes) for a in (k, v))
+        result = dot_product_attention(
+            q,
+            k,
+            v,
+            None,
+            mask,
             dropout_rng=self.make_rng("dropout") if dropout > 0 else None,
             dropout_rate=dropout,
             deterministic=dropout == 0.0,
             dtype=cfg.dtype,
             implementation=cfg.attention_implementation,
             return_weights=capture,
-            query_positions=positions,
-            key_positions=kv_positions,
             is_causal=self.causal,
+            query_segment_ids=segment_ids,
+            key_segment_ids=kv_segment_ids,
         )
+        heads, weights = result if capture else (result, None)  # [B, T, N, H], [B, N, T, S]
+        heads = nn.with_logical_constraint(heads, HEADS_AXES)
+        out = merge_heads(params["out"], heads, dtype=cfg.dtype)  # [B, T, D]
         if capture:
-            result, weights = result
             self.sow("intermediates", "attention_weights", weights)
-        return result  # [B, T, D]
+        return out  # [B, T, D]
 
     def _create_cache(self, params, x, kv):
         cfg = self.config
@@ -240,6 +274,7 @@ class FeedForward(nn.Module):
             h = nn.silu(up("wi_0")) * up("wi_1")  # [B, T, F]
         else:
             h = getattr(nn, cfg.activation)(up("wi"))  # [B, T, F]
+        h = nn.with_logical_constraint(h, MLP_AXES)
         return nn.Dense(
             cfg.d_model,
             kernel_init=_with_axes(_xavier(), ("mlp", "embed")),
@@ -314,19 +349,27 @@ class EncoderLayer(nn.Module):
 
     config: TransformerConfig
 
-    def __call__(self, x, mask, *, deterministic: bool, positions=None):
-        """x [B, S, D], mask broadcastable to [B, N, S, S] -> [B, S, D]."""
-        layer = _rematerialised(EncoderLayer._layer, self.config, static_argnums=(4,))
-        return layer(self, x, mask, positions, deterministic)
+    def __call__(self, x, mask, *, deterministic: bool, positions=None, segment_ids=None):
+        """x [B, S, D], mask broadcastable to [B, N, S, S] -> [B, S, D]; `segment_ids`
+        [B, S]: packed rows (the mask then only needs the padding)."""
+        layer = _rematerialised(EncoderLayer._layer, self.config, static_argnums=(5,))
+        return layer(self, x, mask, positions, segment_ids, deterministic)
 
     @nn.compact
-    def _layer(self, x, mask, positions, deterministic: bool):
+    def _layer(self, x, mask, positions, segment_ids, deterministic: bool):
         cfg = self.config
         attn = MultiHeadAttention(cfg, name="self_attention")
         x = Residual(cfg, name="attention_block")(
             x,
             lambda h: attn(
-                h, h, mask, deterministic=deterministic, positions=positions, kv_positions=positions
+                h,
+                h,
+                mask,
+                deterministic=deterministic,
+                positions=positions,
+                kv_positions=positions,
+                segment_ids=segment_ids,
+                kv_segment_ids=segment_ids,
             ),
             deterministic=deterministic,
         )
@@ -353,22 +396,25 @@ class DecoderLayer(nn.Module):
         positions=None,
         decode: bool = False,
         cache_positions=None,
+        segment_ids=None,
+        encoder_segment_ids=None,
     ):
         """y [B, T, D], encoded [B, S, D] (or None) -> [B, T, D]. `positions`: rotary
         positions (or None); `cache_positions` [B, T]: the positions of a KV-cached decode
-        block (see MultiHeadAttention)."""
+        block (see MultiHeadAttention); `segment_ids` [B, T] and `encoder_segment_ids`
+        [B, S]: packed rows (the masks then only need the padding)."""
         layer = DecoderLayer._layer
         if not decode:
-            layer = _rematerialised(layer, self.config, static_argnums=(7, 8))
+            layer = _rematerialised(layer, self.config, static_argnums=(9, 10))
         return layer(
-            self, y, encoded, self_mask, cross_mask, positions, cache_positions, deterministic,
-            decode,
+            self, y, encoded, self_mask, cross_mask, positions, cache_positions, segment_ids,
+            encoder_segment_ids, deterministic, decode,
         )  # fmt: skip
 
     @nn.compact
     def _layer(
-        self, y, encoded, self_mask, cross_mask, positions, cache_positions,
-        deterministic: bool, decode: bool,
+        self, y, encoded, self_mask, cross_mask, positions, cache_positions, segment_ids,
+        encoder_segment_ids, deterministic: bool, decode: bool,
     ):  # fmt: skip
         cfg = self.config
         attn = MultiHeadAttention(cfg, causal=True, name="self_attention")
@@ -383,6 +429,8 @@ class DecoderLayer(nn.Module):
                 kv_positions=positions,
                 decode=decode,
                 cache_positions=cache_positions,
+                segment_ids=segment_ids,
+                kv_segment_ids=segment_ids,
             ),
             deterministic=deterministic,
         )
@@ -390,7 +438,15 @@ class DecoderLayer(nn.Module):
             cross = MultiHeadAttention(cfg, cross=True, name="cross_attention")
             y = Residual(cfg, name="cross_block")(
                 y,
-                lambda h: cross(h, encoded, cross_mask, deterministic=deterministic, decode=decode),
+                lambda h: cross(
+                    h,
+                    encoded,
+                    cross_mask,
+                    deterministic=deterministic,
+                    decode=decode,
+                    segment_ids=segment_ids,
+                    kv_segment_ids=encoder_segment_ids,
+                ),
                 deterministic=deterministic,
             )
         ffn = FeedForward(cfg, name="feed_forward")

@@ -8,19 +8,38 @@ Packed batches (several examples per row, as the data pipeline makes them) pass
 ``*_positions`` (restarting at 0 in each example) and ``*_segmentation`` (1, 2, ... per
 example, 0 = padding): attention never crosses examples, and each example's start slot is
 its own position 0.
+
+``config.scan_layers`` runs each stack's L layers under ``nn.scan`` (one traced and compiled
+layer body): the parameters are stacked ``[L, ...]`` under ``layers`` (logical axis
+"layers") instead of ``layer_0`` ... ``layer_{L-1}``; the sown ``intermediates`` (attention
+weights) likewise ``[L, ...]``; the KV ``cache`` ``[B, L, ...]`` (the batch leads, as
+decoding needs). `stack_layer_params` and `unstack_layer_params` convert a tree (params,
+gradients, sown intermediates) between the two layouts; the numbers are the same.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention_jax.core.masks import combine_masks, padding_mask, segment_mask
+from attention_jax.core.masks import padding_mask
 from attention_jax.core.positional import sinusoidal_positional_encoding
 from attention_jax.nn.config import TransformerConfig
 from attention_jax.nn.layers import DecoderLayer, Embedder, EncoderLayer, normalization
+
+# Logical axes of the activations the model constrains (the rules: nn/sharding.py; without a
+# mesh and rules in context nn.with_logical_constraint returns its input as is).
+EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")  # [B, T, D]
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")  # [B, T, V]
+# Under config.scan_layers the layers of a stack are one module of this name whose
+# parameters lead with the layer axis (logical name "layers"); else layer_0 ... layer_{L-1}.
+SCANNED = "layers"
+_LAYER = re.compile(r"layer_(\d+)")
 
 
 def shift_right(tokens, bos_id: int = 0):
@@ -116,13 +135,6 @@ def _valid(tokens, cfg, positions, segmentation=None):
     return (tokens != cfg.pad_id) | start
 
 
-def _same_segment(q_segmentation, kv_segmentation):
-    """[B, 1, T, S] mask of same-example pairs, or None when the batch is not packed."""
-    if q_segmentation is None:
-        return None
-    return segment_mask(q_segmentation, kv_segmentation)
-
-
 class _Positions(nn.Module):
     """Adds position information to the scaled embeddings (sinusoids or a learned table)."""
 
@@ -156,6 +168,59 @@ def _rotary(cfg, tokens, positions):
     return jnp.arange(tokens.shape[-1])[None] if positions is None else positions
 
 
+class _ScannedEncoderLayer(EncoderLayer):
+    """An `EncoderLayer` in the form nn.scan runs: ``(x, mask, positions, segment_ids) ->
+    (x, None)``, x the carry [B, S, D] (constrained to `EMBED_AXES`), the rest broadcast to
+    every layer; `deterministic` is an attribute (static)."""
+
+    deterministic: bool = True
+
+    def __call__(self, x, mask, positions, segment_ids):
+        x = super().__call__(
+            x, mask, deterministic=self.deterministic, positions=positions,
+            segment_ids=segment_ids,
+        )  # fmt: skip
+        return nn.with_logical_constraint(x, EMBED_AXES), None
+
+
+class _ScannedDecoderLayer(DecoderLayer):
+    """A `DecoderLayer` in the form nn.scan runs: ``(y, encoded, self_mask, cross_mask,
+    positions, cache_positions, segment_ids, encoder_segment_ids) -> (y, None)``, y the
+    carry [B, T, D] (constrained to `EMBED_AXES`), the rest broadcast to every layer;
+    `deterministic` and `decode` are attributes (static)."""
+
+    deterministic: bool = True
+    decode: bool = False
+
+    def __call__(
+        self, y, encoded, self_mask, cross_mask, positions, cache_positions, segment_ids,
+        encoder_segment_ids,
+    ):  # fmt: skip
+        y = super().__call__(
+            y, encoded, self_mask, cross_mask, deterministic=self.deterministic,
+            positions=positions, decode=self.decode, cache_positions=cache_positions,
+            segment_ids=segment_ids, encoder_segment_ids=encoder_segment_ids,
+        )  # fmt: skip
+        return nn.with_logical_constraint(y, EMBED_AXES), None
+
+
+def _scan(layer_cls, length: int, broadcast: int):
+    """`layer_cls` run `length` times under nn.scan: one traced and compiled body. Its
+    parameters (and sown ``intermediates``) are stacked on a leading axis of logical name
+    "layers"; each layer draws its own params and dropout rngs; the KV ``cache`` is stacked
+    on axis 1 ([B, L, ...]), so every cache leaf still leads with the batch (beam search
+    reorders rows with one gather). The `broadcast` arguments after the carry are the same
+    for every layer."""
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0, "intermediates": 0, "cache": 1},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
 class Encoder(nn.Module):
     """Embedding × √D + positions -> dropout -> L encoder layers (-> LayerNorm if pre-LN)."""
 
@@ -165,19 +230,25 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, *, train: bool = False, positions=None, segmentation=None):
         cfg = self.config
-        mask = combine_masks(
-            padding_mask(tokens, pad_id=cfg.pad_id), _same_segment(segmentation, segmentation)
-        )  # [B, 1, S, S]
+        # Packed rows: the segment ids go to attention as such (no [B, 1, S, S] same-segment
+        # mask; 'blockwise' skips the tiles across examples); the mask holds only the padding.
+        mask = padding_mask(tokens, pad_id=cfg.pad_id)  # [B, 1, S, S]
         x = _Positions(cfg, name="positions")(self.embedder(tokens), positions)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+        x = nn.with_logical_constraint(x, EMBED_AXES)
         rotary = _rotary(cfg, tokens, positions)
-        for i in range(cfg.num_layers):
-            x = EncoderLayer(cfg, name=f"layer_{i}")(
-                x, mask, deterministic=not train, positions=rotary
-            )
+        if cfg.scan_layers:  # one layer body for the L layers (see _ScannedEncoderLayer)
+            stack = _scan(_ScannedEncoderLayer, cfg.num_layers, 3)
+            x, _ = stack(cfg, deterministic=not train, name=SCANNED)(x, mask, rotary, segmentation)
+        else:
+            for i in range(cfg.num_layers):
+                x = EncoderLayer(cfg, name=f"layer_{i}")(
+                    x, mask, deterministic=not train, positions=rotary, segment_ids=segmentation
+                )
+                x = nn.with_logical_constraint(x, EMBED_AXES)
         if cfg.pre_ln:
             x = normalization(cfg, "final_norm")(x)
-        return x  # [B, S, D]
+        return nn.with_logical_constraint(x, EMBED_AXES)  # [B, S, D]
 
 
 class Decoder(nn.Module):
@@ -214,40 +285,54 @@ class Decoder(nn.Module):
         # Causality is not in the mask: the self-attention layers pass is_causal=True, which
         # lets 'blockwise' skip the tiles above the diagonal and the fused kernels use their
         # causal mode.
-        self_mask = combine_masks(
-            (valid[:, :, None] & valid[:, None, :])[:, None],
-            _same_segment(segmentation, segmentation),
-        )  # [B, 1, T, T]
+        # Packed rows: the segment ids go to attention as such (see Encoder); the masks hold
+        # only the padding. A KV-cached decode takes none (one example per row).
+        self_mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # [B, 1, T, T]
         cross_mask = None
         if self.cross:
             src_valid = source_tokens != cfg.pad_id  # [B, S]
-            cross_mask = combine_masks(
-                (valid[:, :, None] & src_valid[:, None, :])[:, None],
-                _same_segment(segmentation, source_segmentation),
-            )  # [B, 1, T, S]
+            cross_mask = (valid[:, :, None] & src_valid[:, None, :])[:, None]  # [B, 1, T, S]
+        segment_ids = None if decode else segmentation
+        encoder_segment_ids = None if decode else source_segmentation
         y = _Positions(cfg, name="positions")(self.embedder(decoder_inputs), positions)
         y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+        y = nn.with_logical_constraint(y, EMBED_AXES)
         rotary = _rotary(cfg, decoder_inputs, positions)
-        for i in range(cfg.decoder_layers):
-            y = DecoderLayer(cfg, cross=self.cross, name=f"layer_{i}")(
-                y,
-                encoded,
-                self_mask,
-                cross_mask,
-                deterministic=not train,
-                positions=rotary,
-                decode=decode,
-                cache_positions=positions if decode else None,
-            )
+        cache_positions = positions if decode else None
+        if cfg.scan_layers:  # one layer body for the L layers (see _ScannedDecoderLayer)
+            stack = _scan(_ScannedDecoderLayer, cfg.decoder_layers, 7)
+            y, _ = stack(cfg, cross=self.cross, deterministic=not train, decode=decode,
+                         name=SCANNED)(
+                y, encoded, self_mask, cross_mask, rotary, cache_positions, segment_ids,
+                encoder_segment_ids,
+            )  # fmt: skip
+        else:
+            for i in range(cfg.decoder_layers):
+                y = DecoderLayer(cfg, cross=self.cross, name=f"layer_{i}")(
+                    y,
+                    encoded,
+                    self_mask,
+                    cross_mask,
+                    deterministic=not train,
+                    positions=rotary,
+                    decode=decode,
+                    cache_positions=cache_positions,
+                    segment_ids=segment_ids,
+                    encoder_segment_ids=encoder_segment_ids,
+                )
+                y = nn.with_logical_constraint(y, EMBED_AXES)
         if logit_positions is not None:  # y [B, T, D] -> [B, K, D]
             y = jnp.take_along_axis(y, logit_positions[:, :, None], axis=1, mode="clip")
         if cfg.pre_ln:
             y = normalization(cfg, "final_norm")(y)
+        y = nn.with_logical_constraint(y, EMBED_AXES)
         if return_hidden:
             return y  # [B, T, D] (or [B, K, D]): `output_projection` turns it into logits
         if cfg.tied_output:
-            return self.embedder.attend(y)  # [B, T, V] (or [B, K, V])
-        return _logits_layer(cfg, name="logits")(y)  # [B, T, V] (or [B, K, V])
+            logits = self.embedder.attend(y)  # [B, T, V] (or [B, K, V])
+        else:
+            logits = _logits_layer(cfg, name="logits")(y)  # [B, T, V] (or [B, K, V])
+        return nn.with_logical_constraint(logits, LOGITS_AXES)
 
 
 def _logits_layer(cfg: TransformerConfig, name: str | None = None) -> nn.Dense:
@@ -299,6 +384,90 @@ def output_projection(config: TransformerConfig, params):
     dense = {"params": dict(params["decoder"]["logits"])}
     layer = _logits_layer(config)
     return lambda hidden: layer.apply(dense, hidden)
+
+
+def stack_layer_params(tree):
+    """A parameter tree of the per-layer layout (``scan_layers=False``: ``layer_0`` ...
+    ``layer_{L-1}`` under each stack) -> the stacked layout of ``scan_layers=True`` (one
+    ``layers`` subtree whose leaves are the L layers' leaves stacked on a new leading axis).
+    Works on any nesting of mappings (a ``params`` collection, ``{'params': ...}``,
+    gradients, sown ``intermediates``); boxed leaves (``nn.Partitioned``) get the logical axis
+    name "layers" in front of theirs. Inverse: `unstack_layer_params`."""
+    return _convert(tree, _stack_node)
+
+
+def unstack_layer_params(tree):
+    """The stacked layout of ``scan_layers=True`` -> the per-layer layout (``layer_0`` ...);
+    the inverse of `stack_layer_params` (boxed leaves lose their leading "layers" name).
+    E.g. the attention weights a scanned model sows, per layer as the plain model's:
+    ``unstack_layer_params(sown['intermediates'])``."""
+    return _convert(tree, _unstack_node)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def _convert(tree, convert_node):
+    if not isinstance(tree, Mapping):
+        return tree
+    return convert_node({k: _convert(v, convert_node) for k, v in tree.items()})
+
+
+def _stack_node(node: dict) -> dict:
+    found = {int(m.group(1)): k for k in node if (m := _LAYER.fullmatch(k))}
+    if not found:
+        return node
+    if sorted(found) != list(range(len(found))) or SCANNED in node:
+        raise ValueError(
+            f"stack_layer_params: expected layers layer_0 ... layer_{len(found) - 1} and no "
+            f"'{SCANNED}' beside them, got keys {sorted(node)}"
+        )
+    layers = [node[found[i]] for i in range(len(found))]
+    shapes = [jax.tree.structure(t, is_leaf=_is_box) for t in layers]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("stack_layer_params: the layers' parameter trees differ in structure")
+
+    def stack(*leaves):
+        if _is_box(leaves[0]):
+            value = jnp.stack([leaf.value for leaf in leaves])
+            return leaves[0].replace(value=value, names=("layers", *leaves[0].names))
+        return jnp.stack(leaves)
+
+    out = {k: v for k, v in node.items() if k not in found.values()}
+    out[SCANNED] = jax.tree.map(stack, *layers, is_leaf=_is_box)
+    return out
+
+
+def _unstack_node(node: dict) -> dict:
+    if SCANNED not in node or not isinstance(node[SCANNED], Mapping):
+        return node
+    stacked = node[SCANNED]
+    leaves = jax.tree.leaves(stacked, is_leaf=_is_box)
+    sizes = {(leaf.value if _is_box(leaf) else leaf).shape[:1] for leaf in leaves}
+    if len(sizes) != 1 or () in sizes:
+        raise ValueError(
+            "unstack_layer_params: every leaf under 'layers' must lead with the same layer "
+            f"axis, got leading sizes {sorted(sizes)}"
+        )
+    (L,) = sizes.pop()
+
+    def take(i):
+        def one(leaf):
+            if _is_box(leaf):
+                if leaf.names[:1] != ("layers",):
+                    raise ValueError(
+                        f"unstack_layer_params: a boxed leaf under 'layers' must have the "
+                        f"logical names ('layers', ...), got {leaf.names}"
+                    )
+                return leaf.replace(value=leaf.value[i], names=leaf.names[1:])
+            return leaf[i]
+
+        return jax.tree.map(one, stacked, is_leaf=_is_box)
+
+    out = {k: v for k, v in node.items() if k != SCANNED}
+    out.update({f"layer_{i}": take(i) for i in range(L)})
+    return out
 
 
 class Transformer(nn.Module):

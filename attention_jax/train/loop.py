@@ -62,6 +62,7 @@ from attention_jax.workdir.experiment import (
     model_signature,
     nonfinite_policy,
     signature_differences,
+    signature_hint,
 )
 
 
@@ -179,6 +180,7 @@ def _check_model(workdir: str, step: int, saved: dict, cfg: TransformerConfig, k
                 f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in differ
             )
             + "\nuse a new --workdir, or the config that wrote it"
+            + (f"\n{hint}" if (hint := signature_hint(differ)) else "")
         )
 
 
@@ -469,7 +471,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
         clip_norm=config.clip_norm or None,
     )
     mesh = sharding.make_mesh(**config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
+    rules = sharding.complete_rules(config.sharding_rules)  # + any missing activation rules
     _remove_stale_temporaries(workdir)
     ckpt = Checkpointer(
         workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
@@ -562,14 +564,16 @@ def _compile_steps(run: _Run, shardings) -> _Steps:
     config.alpha; the paper: 4 and 0.6), as translate.py does."""
     config, model = run.config, run.model
     train = training.jit_train_step(
-        model, run.optimizer, shardings, run.mesh,
+        model, run.optimizer, shardings, run.mesh, rules=run.rules,
         label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
         nonfinite=nonfinite_policy(config), loss_chunk=config.get("loss_chunk", 0),
     )  # fmt: skip
     eval_options = dict(loss_chunk=config.get("loss_chunk", 0))
     if not isinstance(model, TransformerLM):  # an LM is scored without label smoothing
         eval_options["label_smoothing"] = config.label_smoothing
-    eval_step = training.jit_eval_step(model, shardings.params, run.mesh, **eval_options)
+    eval_step = training.jit_eval_step(
+        model, shardings.params, run.mesh, rules=run.rules, **eval_options
+    )
     if isinstance(model, TransformerLM):  # scored, not decoded
         return _Steps(train=train, eval=eval_step, decode=None, final_decode=None)
     max_decode = min(config.data.get("max_length", 0) + 50, run.cfg.max_len)

@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import optax
 
 from attention_jax.nn.model import TransformerLM, output_projection, shift_right_packed
-from attention_jax.nn.sharding import DEFAULT_RULES, batch_sharding, logical_shardings
+from attention_jax.nn.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    complete_rules,
+    logical_shardings,
+    under_rules,
+)
 from attention_jax.train.losses import (
     chunked_smoothed_cross_entropy_terms,
     masked_sums,
@@ -342,15 +348,23 @@ def create_train_state(model, optimizer, example_batch: dict, rng, mesh, rules=D
     """Creates the train state already sharded on `mesh` (never materialised unsharded).
 
     ``eval_shape`` gives the boxed abstract state; its logical names and the rules give the
-    shardings; ``jit(init, out_shardings=...)`` creates each shard where it lives.
+    shardings; ``jit(init, out_shardings=...)`` creates each shard where it lives (traced
+    `under_rules`, so the parameters and the activations of the initialising forward pass
+    are constrained as in the train step).
 
     Returns ``(state, state_shardings)`` with unboxed params.
     """
-    abstract = jax.eval_shape(functools.partial(_init_state, model, optimizer), example_batch, rng)
+    rules = complete_rules(rules)
+
+    def boxed(batch, key):
+        with under_rules(mesh, rules):
+            return _init_state(model, optimizer, batch, key)
+
+    abstract = jax.eval_shape(boxed, example_batch, rng)
     shardings = logical_shardings(abstract, mesh, rules)  # unnamed leaves: replicated
 
     def init(batch, key):
-        return nn.unbox(_init_state(model, optimizer, batch, key))
+        return nn.unbox(boxed(batch, key))
 
     state = jax.jit(init, out_shardings=shardings)(example_batch, rng)
     return state, shardings
@@ -360,24 +374,39 @@ def _replicated(mesh):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def jit_train_step(model, optimizer, state_shardings, mesh, **step_kwargs):
-    """The train step jitted once with in/out shardings and the state donated."""
+def _under(fn, mesh, rules):
+    """`fn` traced `under_rules(mesh, rules)`: the model's activation constraints act."""
+
+    def traced(*args):
+        with under_rules(mesh, rules):
+            return fn(*args)
+
+    traced.__name__ = traced.__qualname__ = fn.func.__name__  # jit(train_step) in profiles
+    return traced
+
+
+def jit_train_step(model, optimizer, state_shardings, mesh, *, rules=DEFAULT_RULES, **step_kwargs):
+    """The train step jitted once with in/out shardings and the state donated, traced under
+    `mesh` and the logical-axis `rules` (activations sharded as they say)."""
+    rules = complete_rules(rules)
     step = functools.partial(train_step, model=model, optimizer=optimizer, **step_kwargs)
     data = batch_sharding(mesh)
     return jax.jit(
-        step,
+        _under(step, mesh, rules),
         in_shardings=(state_shardings, data),
         out_shardings=(state_shardings, _replicated(mesh)),
         donate_argnums=(0,),
     )
 
 
-def jit_eval_step(model, param_shardings, mesh, **step_kwargs):
-    """`eval_step` jitted (`lm_eval_step` for a `TransformerLM`)."""
+def jit_eval_step(model, param_shardings, mesh, *, rules=DEFAULT_RULES, **step_kwargs):
+    """`eval_step` jitted (`lm_eval_step` for a `TransformerLM`), traced under `mesh` and
+    the logical-axis `rules`."""
+    rules = complete_rules(rules)
     fn = lm_eval_step if isinstance(model, TransformerLM) else eval_step
     step = functools.partial(fn, model=model, **step_kwargs)
     return jax.jit(
-        step,
+        _under(step, mesh, rules),
         in_shardings=(param_shardings, batch_sharding(mesh)),
         out_shardings=_replicated(mesh),
     )

@@ -41,6 +41,7 @@ SIGNATURE_FIELDS = (
     "vocab_size", "target_vocab_size", "share_embeddings", "d_model", "num_heads",
     "num_layers", "num_decoder_layers", "d_ff", "max_len", "positional", "pre_ln",
     "num_kv_heads", "norm", "feed_forward", "attention_bias", "tie_output_embedding",
+    "scan_layers",  # the parameters' layout: stacked [L, ...] under "layers", or layer_i
 )  # fmt: skip
 
 
@@ -105,6 +106,19 @@ def signature_differences(ours: dict, theirs: dict) -> list[str]:
         for k in sorted(ours.keys() | theirs.keys())
         if ours.get(k, defaults.get(k)) != theirs.get(k, defaults.get(k))
     ]
+
+
+def signature_hint(differ: list[str]) -> str:
+    """What to do about the `signature_differences` `differ`, when a conversion exists
+    (scan_layers: the same parameters, stacked or per layer), else ''."""
+    if "scan_layers" not in differ:
+        return ""
+    return (
+        "scan_layers differs: the parameters are stacked under 'layers' with it and per "
+        "layer (layer_0, ...) without; convert them with "
+        "attention_jax.nn.model.stack_layer_params / unstack_layer_params, or set "
+        "config.model.scan_layers as the checkpoint has it"
+    )
 
 
 def model_kind(config: ml_collections.ConfigDict) -> str:
