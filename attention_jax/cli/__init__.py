@@ -5,7 +5,6 @@
     attention-jax generate --workdir=W --prompt="the small dog"
     attention-jax evaluate --workdir=W
     attention-jax prepare --dataset=...
-    attention-jax verify --workdir=W        (checkpoints against their digests)
 
 Each subcommand is a module here with an absl ``main``; ``experiments/*.py`` are thin
 examples that call the same modules. Only the chosen subcommand's module is imported, so
@@ -26,7 +25,6 @@ COMMANDS = {
         "BLEU / chrF of a translation workdir; perplexity, bits per byte of an LM",
     ),
     "prepare": ("attention_jax.cli.prepare_data", "prepare a dataset and its vocabulary"),
-    "verify": ("attention_jax.cli.verify", "check a workdir's checkpoints against their digests"),
 }
 
 

@@ -13,28 +13,11 @@ A checkpoint that does not read back whole (a truncated or missing file) is move
 ``checkpoints/corrupt-<step>`` (kept as evidence, never deleted) and the next older one is
 tried; see `Checkpointer.restore_newest`. One written by a different model is refused with
 `IncompatibleCheckpointError`, and nothing is changed.
-
-Orbax stores no checksums, so a flipped bit inside an array file would be restored silently.
-Each checkpoint therefore gets ``<step>/digests.json``: the sha256 of every other file in
-it, written in Orbax's save thread once every file is written and before the directory is
-renamed to ``<step>`` (Orbax's post-finalization callback): a checkpoint that looks complete
-has its digests, and the training loop never waits for them unless it waits for the save.
-Restoring checks them (the metadata's first, the arrays' while they are read; the state is
-used only if they match); a file that does not match, or is missing, or is not listed,
-makes the checkpoint damaged, like a truncated one. A checkpoint without ``digests.json``
-(written before digests existed) is restored as before; `verify_digests` calls it "no
-digests". In a multi-host run process 0
-writes and checks the manifest over every file it sees (Orbax's multi-host saves need a
-file system all processes share).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import gc
-import hashlib
-import json
 import logging
 import os
 import re
@@ -55,11 +38,6 @@ from attention_jax.nn.config import is_int
 from attention_jax.workdir import checkpoints_dir
 
 CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-<step>: a damaged checkpoint, moved aside
-DIGESTS_FILE = "digests.json"  # <step>/digests.json: the sha256 of each of the step's files
-# sha256: hashlib's fastest digest where the CPU has SHA extensions (x86 since 2017-2019,
-# ARMv8): 1.3 GB/s on one core here, blake2b 0.65 GB/s; files are hashed in parallel.
-DIGEST = "sha256"
-_ALL_FILES, _ARRAY_FILES, _METADATA_FILES = "all", "arrays", "metadata"  # which to check
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -95,8 +73,6 @@ class Checkpointer:
         self.directory = checkpoints_dir(os.path.abspath(workdir))
         self._log = log if jax.process_index() == 0 else (lambda message: None)
         self._pending = None  # the step of the last save started and not yet known complete
-        self._digests_checked = set()  # (step, which files) that matched their digests
-        self._sealing = collections.deque()  # steps saved whose digests are not written yet
         if cleanup:
             unfinished = _unfinished_steps(self.directory)
             if unfinished:
@@ -129,7 +105,6 @@ class Checkpointer:
                 preservation_policy=policies.LatestN(keep),
                 cleanup_tmp_directories=cleanup,
                 create=create,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
             ),
             item_handlers=handlers,
         )
@@ -158,42 +133,13 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._sealing.append(step)  # if Orbax starts this save, its finalize seals it
         try:
             started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as e:  # the previous async save's error surfaces here too
             raise self._save_failed(step, e) from e
         if started:
             self._pending = step
-        elif self._sealing and self._sealing[-1] == step:
-            self._sealing.pop()
         return started
-
-    def _seal(self) -> None:
-        """Orbax's post-finalization callback (its save thread), once every file of the
-        oldest save in `_sealing` is written and before its directory is renamed to
-        ``<step>`` (or marked committed): writes the digests (process 0). Saves finalize
-        one at a time and in order, so the oldest is the one finalizing."""
-        if not self._sealing:  # not a save of ours: nothing to name it by (no digests)
-            return
-        step = self._sealing.popleft()
-        if jax.process_index() != 0:
-            return
-        final = os.path.join(self.directory, str(step))
-        unfinished = [
-            os.path.join(self.directory, n)
-            for n in _unfinished_names(self.directory)
-            if re.match(ocp.path.step.TMP_DIR_STEP_PATTERN, n)
-            and int(re.match(ocp.path.step.TMP_DIR_STEP_PATTERN, n).group(1)) == step
-        ]
-        if len(unfinished) == 1:
-            write_digests(unfinished[0])
-        elif not unfinished and os.path.isdir(final):  # object stores: no rename
-            write_digests(final)
-        else:
-            raise RuntimeError(
-                f"digests for step {step}: expected one unfinished directory, found {unfinished}"
-            )
 
     def wait(self):
         """Blocks until the save in progress is complete (raises `CheckpointSaveError` if
@@ -228,7 +174,6 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception:
             pass  # the pending save's error: it is `error`, or is told by its missing step
-        self._sealing.clear()  # (after the wait) a failed save is never finalized
         if pending is not None and not os.path.isdir(os.path.join(self.directory, str(pending))):
             step = pending  # the previous (asynchronous) save is the one that failed
         if jax.process_index() == 0:
@@ -265,8 +210,7 @@ class Checkpointer:
 
     def newest_meta(self) -> tuple[int | None, dict | None]:
         """``(step, meta)`` of the newest checkpoint whose metadata reads back, or
-        ``(None, None)``; newer ones whose metadata does not read back, or whose files do
-        not match their digests, are moved aside as damaged."""
+        ``(None, None)``; newer ones whose metadata does not are moved aside as damaged."""
         for step in reversed(self.steps()):
             meta, problem = None, None
             try:
@@ -275,10 +219,6 @@ class Checkpointer:
                 if not _is_damage(e):
                     _reraise(e)
                 problem = f"its metadata does not read back ({_brief(e)})"
-            # What did read back is trusted only if it matches its digests: the small files
-            # (metadata) here, the array data while it is read (restore_newest). A file that
-            # does not read back at all is reported as such (the reader's words).
-            problem = problem or self._digest_problem(step, _METADATA_FILES)
             if _everywhere(problem is None):
                 return step, meta
             self._move_aside(step, problem or "its metadata does not read back on every process")
@@ -292,8 +232,8 @@ class Checkpointer:
         `IncompatibleCheckpointError` to refuse it) and its tree of arrays is compared with
         `abstract_state` (paths, shapes, dtypes): a mismatch raises
         `IncompatibleCheckpointError` and changes nothing. A checkpoint whose files do not
-        read back (truncated, missing) or do not match their digests is reported, moved to
-        ``corrupt-<step>`` and the next older one is tried.
+        read back (truncated, missing) is reported, moved to ``corrupt-<step>`` and the
+        next older one is tried.
         """
         while True:
             step, meta = self.newest_meta()
@@ -310,13 +250,7 @@ class Checkpointer:
                 problem = f"its array metadata does not read back ({_brief(e)})"
             else:
                 check_same_tree(step, saved, abstract_state)
-                # The array files' digests are checked while Orbax reads them (hashing is
-                # CPU, reading mostly waits): the state is returned only if they match.
-                with (
-                    concurrent.futures.ThreadPoolExecutor(1) as pool,
-                    _AbandonedReads() as abandoned,
-                ):
-                    digests = pool.submit(self._digest_problem, step, _ARRAY_FILES)
+                with _AbandonedReads() as abandoned:
                     try:
                         state, _ = self.restore(step, abstract_state, data_iterator=data_iterator)
                         jax.block_until_ready(state)
@@ -324,28 +258,11 @@ class Checkpointer:
                         if not _is_damage(e):
                             _reraise(e)
                         problem = f"its arrays do not read back ({_brief(e)})"
-                    changed = digests.result()
-                    problem = problem or changed  # a read error first, as in newest_meta
                     if problem is not None:
-                        state = None
                         abandoned.settle()
             if _everywhere(problem is None):
                 return step, state
             self._move_aside(step, problem or "it does not read back on every process")
-
-    def _digest_problem(self, step: int, files: str = _ALL_FILES) -> str | None:
-        """What is wrong with `step`'s `files` (`_ALL_FILES`, `_ARRAY_FILES`,
-        `_METADATA_FILES`) by their digests (process 0 checks; None on the others, and for a
-        checkpoint without digests). Each is checked once per step and process."""
-        if jax.process_index() != 0 or (step, files) in self._digests_checked:
-            return None
-        select = {_ALL_FILES: None, _ARRAY_FILES: _array_data}.get(
-            files, lambda name: not _array_data(name)
-        )
-        ok, problem = verify_digests(os.path.join(self.directory, str(step)), select)
-        if ok is not False:
-            self._digests_checked.add((step, files))
-        return problem
 
     def _move_aside(self, step: int, problem: str) -> None:
         """Renames the damaged checkpoint of `step` to ``corrupt-<step>`` (``.1``, ``.2``,
@@ -383,8 +300,8 @@ class Checkpointer:
         on one device: for readers (translation, evaluation, averaging).
 
         Unlike `restore_newest`, nothing is moved or changed: a damaged checkpoint (metadata
-        or arrays that do not read back, files that do not match their digests) is reported
-        in one line (the Checkpointer's `log`) and skipped.
+        or arrays that do not read back) is reported in one line (the Checkpointer's `log`)
+        and skipped.
         ``check_meta(step, meta)`` may raise (e.g. `IncompatibleCheckpointError`) to refuse
         a checkpoint; that error propagates.
         """
@@ -396,12 +313,9 @@ class Checkpointer:
                     _reraise(e)
                 self._log(self._damaged(step, f"its metadata does not read back ({_brief(e)})"))
                 continue
-            problem = self._digest_problem(step, _METADATA_FILES)
-            if problem is not None:
-                self._log(self._damaged(step, problem))
-                continue
             if check_meta is not None:
                 check_meta(step, meta)
+            problem = None
             with _AbandonedReads() as abandoned:
                 try:
                     params = self.restore_on_one_device(step)["params"]
@@ -412,7 +326,6 @@ class Checkpointer:
                     problem = f"its arrays do not read back ({_brief(e)})"
                 if problem is not None:  # (the error, and the reads its frames hold, gone)
                     abandoned.settle()
-            problem = problem or self._digest_problem(step, _ARRAY_FILES)  # trusted only so
             if problem is not None:
                 self._log(self._damaged(step, problem))
                 continue
@@ -432,100 +345,6 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
-
-
-# ---- Digests. ------------------------------------------------------------------------
-
-
-# Orbax's top-level files rewritten when it commits a checkpoint, after the digests: its
-# commit mark and its step metadata (times, handler names; no arrays, and JSON that fails
-# to parse if damaged). Every other file, the items' commit marks included, is digested.
-_WRITTEN_AT_COMMIT = ("commit_success.txt", "_CHECKPOINT_METADATA")
-
-
-def _files(step_dir: str) -> list[str]:
-    """The files under `step_dir` (relative, '/'-separated, sorted), but the manifest, its
-    temporary and the files Orbax rewrites at the commit (`_WRITTEN_AT_COMMIT`)."""
-    found = []
-    for root, _, names in os.walk(step_dir):
-        for name in names:
-            relative = os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/")
-            if not relative.startswith(DIGESTS_FILE) and relative not in _WRITTEN_AT_COMMIT:
-                found.append(relative)
-    return sorted(found)
-
-
-def _digest(path: str, chunk: int = 16 << 20) -> str:
-    h = hashlib.new(DIGEST)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)  # releases the GIL: files hash in parallel threads
-    return h.hexdigest()
-
-
-def file_digests(step_dir: str, names: list[str] | None = None) -> dict[str, str]:
-    """``{relative path: sha256 hex}`` of `names` (default: every file of the checkpoint
-    but the manifest)."""
-    names = _files(step_dir) if names is None else names
-    workers = max(1, min(8, os.cpu_count() or 1, len(names)))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        hexes = pool.map(lambda n: _digest(os.path.join(step_dir, n)), names)
-        return dict(zip(names, hexes, strict=True))
-
-
-def write_digests(step_dir: str) -> dict[str, str]:
-    """Writes ``<step_dir>/digests.json`` (to a temporary name, then renamed: never half a
-    manifest) and returns the digests. Not fsynced, as Orbax does not sync its own files:
-    on ext4 a sync here would flush the whole checkpoint (+45% save time, measured); after
-    a power loss an unreadable manifest makes the checkpoint damaged, not trusted."""
-    digests = file_digests(step_dir)
-    path = os.path.join(step_dir, DIGESTS_FILE)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        json.dump({"algorithm": DIGEST, "files": digests}, f, indent=0, sort_keys=True)
-    os.replace(temporary, path)
-    return digests
-
-
-def _array_data(name: str) -> bool:
-    """Whether a checkpoint's file holds array bytes (OCDBT's ``.../d/<hash>``): the large
-    ones; the others are small metadata (JSON, OCDBT manifests)."""
-    return "/d/" in f"/{name}"
-
-
-def verify_digests(step_dir: str, select=None) -> tuple[bool | None, str | None]:
-    """``(True, None)`` if every file of the checkpoint in `step_dir` matches its digest,
-    ``(None, None)`` if it has no digests (an older checkpoint), ``(False, problem)``
-    naming the first file that is changed, missing or not listed. ``select(name)``: only
-    the files it accepts (default: all). Reads no arrays: no JAX."""
-    path = os.path.join(step_dir, DIGESTS_FILE)
-    if not os.path.exists(path):
-        return None, None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        expected, algorithm = manifest["files"], manifest["algorithm"]
-        if not isinstance(expected, dict) or algorithm not in hashlib.algorithms_available:
-            raise ValueError(f"files {type(expected).__name__}, algorithm {algorithm!r}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return False, f"its {DIGESTS_FILE} does not read back ({type(e).__name__}: {e})"
-    present = _files(step_dir)
-    if select is not None:
-        present = [n for n in present if select(n)]
-        expected = {n: d for n, d in expected.items() if select(n)}
-    missing = sorted(set(expected) - set(present))
-    if missing:
-        return False, f"its file {missing[0]} is missing (listed in {DIGESTS_FILE})"
-    extra = sorted(set(present) - set(expected))
-    if extra:
-        return False, f"its file {extra[0]} is not in {DIGESTS_FILE}"
-    if algorithm != DIGEST:
-        return False, f"its {DIGESTS_FILE} uses {algorithm!r}, this version reads {DIGEST!r}"
-    actual = file_digests(step_dir, present)
-    for name in present:
-        if actual[name] != expected[name]:
-            return False, f"its file {name} does not match its {DIGEST} digest"
-    return True, None
 
 
 def _abandoned_read_echo(unraisable) -> bool:
