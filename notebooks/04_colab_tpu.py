@@ -37,18 +37,35 @@
 
 # %%
 # On Colab: install the package, and fetch the repository for experiments/ (configs, scripts).
+# The runtime's jax, jaxlib and libtpu are built for its accelerator and are kept as they are:
+# a constraints file pins each to the version installed, so pip installs only what works with
+# them and never upgrades them (if the runtime's JAX is older than the package needs, pip
+# stops with a conflict naming both versions instead of breaking the TPU runtime).
 # ruff: noqa: E402  (the imports below follow this install cell, as notebooks need)
 import os
 import subprocess
 import sys
+import tempfile
+from importlib import metadata
 
 REPO = "https://github.com/attention-jax/attention_jax"
+RUNTIME_JAX = ("jax", "jaxlib", "libtpu", "libtpu-nightly")  # never upgraded here
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:
+    pins = []
+    for name in RUNTIME_JAX:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    keep = os.path.join(tempfile.mkdtemp(), "keep_runtime_jax.txt")
+    with open(keep, "w") as f:
+        f.write("\n".join(pins) + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"attention_jax[notebooks] @ git+{REPO}"],
+        [sys.executable, "-m", "pip", "install", "-q", "--constraint", keep,
+         f"attention_jax[notebooks] @ git+{REPO}"],
         check=True,
-    )
+    )  # fmt: skip
     if not os.path.isdir("/content/attention_jax"):
         subprocess.run(
             ["git", "clone", "-q", "--depth=1", REPO, "/content/attention_jax"], check=True
